@@ -1,0 +1,115 @@
+"""Server-sent events: encoding, and an incremental parser for upstream streams.
+
+The parser follows the WHATWG event-stream rules that matter for LLM APIs: lines end
+in ``\\n``, ``\\r\\n`` or ``\\r``; ``data:`` lines of one event are joined with ``\\n``;
+``event:`` names the event (Anthropic uses it); lines starting with ``:`` are comments
+(keep-alives); an empty line dispatches the event. Bytes arrive in arbitrary pieces, so
+it keeps the unfinished tail between feeds. It never decodes JSON: callers decide.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DONE", "SSEEvent", "SSEParser", "encode_data", "encode_event", "encode_json"]
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One dispatched event. ``raw`` is the event's own bytes, ready to relay unchanged."""
+
+    data: str
+    event: str | None = None
+    raw: bytes = b""
+
+
+def encode_data(data: str | bytes) -> bytes:
+    """Frame one payload as ``data: ...\\n\\n`` (multi-line payloads become several data lines)."""
+    if isinstance(data, str):
+        data = data.encode()
+    if b"\n" in data or b"\r" in data:
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+    return b"data: " + data + b"\n\n"
+
+
+def encode_json(obj: Any) -> bytes:
+    """Frame a JSON-serialisable object as one SSE data event."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def encode_event(event: str, obj: Any) -> bytes:
+    """Frame a named event (``event: x`` + ``data: {...}``), as Anthropic's API does."""
+    return b"event: " + event.encode() + b"\n" + encode_json(obj)
+
+
+class SSEParser:
+    """Feed bytes, get complete events.
+
+    Example:
+        >>> p = SSEParser()
+        >>> p.feed(b'data: {"a"')
+        []
+        >>> [e.data for e in p.feed(b': 1}\\n\\n')]
+        ['{"a": 1}']
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Add bytes; return every event completed by them, in order."""
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            # Rare in practice (OpenAI-compatible servers use \n); normalise once. A lone
+            # trailing \r may be the first half of \r\n, so keep it for the next feed.
+            tail = b""
+            if buf.endswith(b"\r"):
+                buf, tail = buf[:-1], b"\r"
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
+        events: list[SSEEvent] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            block = buf[start:end]
+            start = end + 2
+            event = _parse_block(block)
+            if event is not None:
+                events.append(event)
+        self._buf = buf[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received that do not yet form a complete event (non-empty at EOF = cut stream)."""
+        return self._buf
+
+
+def _parse_block(block: bytes) -> SSEEvent | None:
+    if block.startswith(b"data: ") and b"\n" not in block:
+        # The common case: one data line.
+        return SSEEvent(block[6:].decode("utf-8", "replace"), None, block + b"\n\n")
+    data_lines: list[str] = []
+    name: str | None = None
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, sep, value = line.partition(b":")
+        if sep and value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data_lines.append(value.decode("utf-8", "replace"))
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+        # id: and retry: carry nothing for LLM streams; ignore them.
+    if not data_lines and name is None:
+        return None  # comment-only block (keep-alive)
+    return SSEEvent("\n".join(data_lines), name, block + b"\n\n")

@@ -1,0 +1,101 @@
+"""The ``asgi-llm`` command: serve a recipe, run the demo, check a recipe."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="asgi-llm",
+    help="An OpenAI-compatible LLM gateway: serve a recipe, run the offline demo.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_CONFIG_ENV = "ASGI_LLM_CONFIG"
+
+
+def default_recipe() -> Path:
+    """``recipes/standalone.yaml``: in the current directory, else next to the package."""
+    here = Path("recipes/standalone.yaml")
+    if here.is_file():
+        return here
+    return Path(__file__).resolve().parent.parent / "recipes" / "standalone.yaml"
+
+
+def _load(path: Path):  # type: ignore[no-untyped-def]
+    from asgi_llm.config import ConfigError, load_config
+    from asgi_llm.stack import build_gateway
+
+    try:
+        return build_gateway(load_config(path))
+    except ConfigError as exc:
+        typer.echo(f"asgi-llm: invalid recipe\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"asgi-llm: cannot read recipe {path}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def app_from_env():  # type: ignore[no-untyped-def]
+    """Uvicorn factory for worker processes: builds the gateway from ``$ASGI_LLM_CONFIG``."""
+    from asgi_llm.config import load_config
+    from asgi_llm.stack import build_gateway
+
+    return build_gateway(load_config(os.environ[_CONFIG_ENV]))
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Recipe file (default: recipes/standalone.yaml).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each a full, stateless gateway).")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    access_log: Annotated[bool, typer.Option(help="uvicorn access log.")] = False,
+) -> None:
+    """Serve a recipe with uvicorn (uvloop + httptools)."""
+    import uvicorn
+
+    path = (config or default_recipe()).resolve()
+    gateway = _load(path)  # validate before forking workers: fail fast, with the key's path
+    opts = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop="auto", http="auto",
+                timeout_graceful_shutdown=30)
+    if workers == 1:
+        uvicorn.run(gateway, lifespan="on", **opts)  # type: ignore[arg-type]
+    else:
+        os.environ[_CONFIG_ENV] = str(path)
+        uvicorn.run("asgi_llm.cli:app_from_env", factory=True, workers=workers, lifespan="on", **opts)  # type: ignore[arg-type]
+
+
+@app.command()
+def check(config: Annotated[Path, typer.Argument(help="Recipe file to validate.")]) -> None:
+    """Validate a recipe (schema, references, environment variables) without serving it."""
+    gateway = _load(config)
+    typer.echo(f"{config}: ok — models: {', '.join(gateway.router.model_names())}")
+
+
+@app.command()
+def demo(
+    keep_running: Annotated[bool, typer.Option(help="Leave the demo gateway up after the checks (Ctrl-C to stop).")] = False,
+) -> None:
+    """Start local fake upstreams and a gateway, and run the smoke checklist (offline)."""
+    from asgi_llm.demo import run_demo
+
+    raise typer.Exit(run_demo(keep_running=keep_running))
+
+
+def main() -> None:
+    """Entry point of the ``asgi-llm`` console script."""
+    app(prog_name="asgi-llm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

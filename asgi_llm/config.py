@@ -1,0 +1,642 @@
+"""Recipe files: the YAML that configures an asgi-llm gateway.
+
+A recipe is one YAML mapping with these top-level keys (only ``models`` is required)::
+
+    providers:                      # upstream APIs, by a name of your choice
+      provider-a:
+        kind: openai                # wire format: openai (default) | anthropic
+        base_url: https://api.example.com/v1
+        api_keys: ["${PROVIDER_A_KEY}"]   # a pool, rotated
+        timeout_s: 60               # per attempt
+        ttft_timeout_s: 15          # streams: time to first token
+    models:                         # public model names that clients send
+      chat:
+        strategy: priority          # priority | weighted | cheapest | fastest | least-busy
+        targets:
+          - {provider: provider-a, model: gpt-4o-mini, price: {input: 0.15, output: 0.60}}
+          - {nodes: any, model: "llama3.1:8b"}   # any enrolled node serving it
+    stores: {state: memory://, cache: memory://, ledger: sqlite:///asgi-llm.db}
+    auth:
+      admin_keys: ["${ASGI_LLM_ADMIN_KEY}"]
+      keys: [{key: "${TEAM_KEY}", org: team-a, limits: {rpm: 60}}]
+    limits: {org: {rpm: 600, spend_usd_per_day: 50}}
+    cache: {enabled: true, ttl_s: 300}
+    server: {max_body_bytes: 16777216, request_timeout_s: 600}
+
+Environment variables are expanded *after* YAML parsing, in string values only (never in
+mapping keys), so a variable's value can never change the document's structure:
+
+* ``${VAR}`` -- the value of ``VAR``; an error if it is not set;
+* ``${VAR:-default}`` -- ``default`` when ``VAR`` is unset or empty (as in the shell);
+  the default may itself contain ``${OTHER}`` references and ``$$``;
+* ``$$`` -- a literal ``$``; a ``$`` followed by anything else is kept as is.
+
+Because YAML gives a string such as ``"60"`` for an expanded value, numeric and boolean
+fields accept numeric strings (pydantic's lax mode).
+
+Every problem found -- YAML syntax, expansion, unknown keys, wrong types, bad values and
+cross-references -- is collected and raised together as one :class:`ConfigError`, each
+with the dotted path of the offending key (``models.chat.targets[0].price.input``).
+Secret values (API keys, admin keys, the pepper, store URLs) are never echoed in errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AuthConfig",
+    "CacheConfig",
+    "ConfigError",
+    "GatewayConfig",
+    "KeyLimits",
+    "LimitsConfig",
+    "ModelConfig",
+    "Price",
+    "ProviderConfig",
+    "ServerConfig",
+    "StaticKey",
+    "StoresConfig",
+    "TargetConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_config",
+]
+
+Loc = tuple[int | str, ...]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """A recipe could not be loaded; ``problems`` lists every ``(path, message)`` found.
+
+    ``path`` is a dotted key path such as ``models.chat.targets[0].provider`` (empty
+    for problems about the file as a whole); ``source`` is the file name when known.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
+        self.problems: list[tuple[str, str]] = list(problems)
+        self.source: str | None = source
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        lines = [f"{path}: {message}" if path else message for path, message in self.problems]
+        if self.source is None:
+            return "\n".join(lines)
+        n = len(self.problems)
+        header = f"{self.source}: {n} problem{'' if n == 1 else 's'}"
+        return "\n".join([header, *(f"  {line}" for line in lines)])
+
+    def __str__(self) -> str:
+        return self._format()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems, self.source))
+
+
+class _Problems(ValueError):
+    """Raised inside validators to report several problems at paths relative to the model."""
+
+    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{_render_loc(loc)}: {msg}" if loc else msg for loc, msg in problems))
+
+
+# --------------------------------------------------------------------------- schema
+
+_MODEL_CONFIG = ConfigDict(
+    extra="forbid",
+    frozen=True,
+    hide_input_in_errors=True,  # never print a (possibly secret) value in a ValidationError
+    allow_inf_nan=False,  # timeouts, prices and weights are finite numbers
+)
+
+_SECRET = Annotated[str, Field(min_length=8)]
+_SCOPE = Literal["inference", "admin", "node"]
+
+
+class ProviderConfig(BaseModel):
+    """An upstream API the gateway calls (OpenAI-compatible or Anthropic)."""
+
+    model_config = _MODEL_CONFIG
+
+    kind: Literal["openai", "anthropic"] = Field("openai", description="wire format spoken upstream")
+    base_url: str = Field(description="absolute http(s) URL, e.g. https://api.openai.com/v1 (no trailing /)")
+    api_keys: list[str] = Field(default_factory=list, description="pool of upstream API keys, rotated")
+    timeout_s: float = Field(60, gt=0, description="per-attempt timeout, seconds")
+    ttft_timeout_s: float = Field(15, gt=0, description="streams: max seconds to the first token")
+    connect_timeout_s: float = Field(5, gt=0, description="TCP/TLS connect timeout, seconds")
+    idle_timeout_s: float = Field(30, gt=0, description="streams: max silence between chunks, seconds")
+    max_connections: int = Field(256, ge=1, description="connection pool size for this provider")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra static headers sent upstream")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        # The URL may carry credentials (https://user:pass@host): never echo it.
+        problem = "must be an absolute http(s) URL such as https://api.example.com/v1"
+        if not value or any(ch.isspace() for ch in value):
+            raise ValueError(problem)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 -- raises ValueError on a malformed port
+        except ValueError:
+            raise ValueError(problem) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(problem)
+        return value.rstrip("/")
+
+
+class Price(BaseModel):
+    """Prices in USD per 1M tokens."""
+
+    model_config = _MODEL_CONFIG
+
+    input: Decimal = Field(ge=0, description="USD per 1M prompt tokens")
+    output: Decimal = Field(ge=0, description="USD per 1M completion tokens")
+    cached_input: Decimal | None = Field(None, ge=0, description="USD per 1M cached prompt tokens")
+
+
+class TargetConfig(BaseModel):
+    """One place a public model can be served: a provider's model, or enrolled nodes."""
+
+    model_config = _MODEL_CONFIG
+
+    provider: str | None = Field(None, min_length=1, description="name of a key under `providers`")
+    nodes: str | None = Field(None, min_length=1, description='"any" or a node selector (BYOI nodes)')
+    model: str = Field(min_length=1, description="the upstream model name")
+    price: Price | None = Field(None, description="for cost accounting and the `cheapest` strategy")
+    weight: float = Field(1.0, gt=0, description="relative share for the `weighted` strategy")
+    context_window: int | None = Field(None, gt=0, description="max tokens (prompt + completion)")
+
+    @model_validator(mode="after")
+    def _exactly_one_backend(self) -> TargetConfig:
+        if (self.provider is None) == (self.nodes is None):
+            raise ValueError("exactly one of 'provider' or 'nodes' must be set")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """A public model name: how to choose among its targets."""
+
+    model_config = _MODEL_CONFIG
+
+    strategy: Literal["priority", "weighted", "cheapest", "fastest", "least-busy"] = Field(
+        "priority", description="how a target is chosen; the others are the failover order"
+    )
+    targets: list[TargetConfig] = Field(min_length=1, description="where the model can be served")
+
+
+_STORE_SCHEMES: dict[str, tuple[str, ...]] = {
+    "state": ("memory://", "redis://", "rediss://"),
+    "cache": ("memory://", "redis://", "rediss://"),
+    "ledger": ("sqlite://", "postgresql://", "postgresql+psycopg://"),
+}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def _check_store_url(role: str, value: str) -> str:
+    allowed = _STORE_SCHEMES[role]
+    if value.startswith(allowed):
+        return value
+    message = f"unsupported URL for the {role} store (allowed schemes: {', '.join(allowed)})"
+    # Store URLs may carry passwords: mention only the scheme, and only if it looks like one.
+    match = _SCHEME_RE.match(value)
+    if match:
+        message += f"; got a {match.group(1)}:// URL"
+    raise ValueError(message)
+
+
+class StoresConfig(BaseModel):
+    """Where shared state, the response cache and the usage ledger live (URLs)."""
+
+    model_config = _MODEL_CONFIG
+
+    state: str = Field("memory://", description="rate-limit/routing state: memory:// or redis(s)://")
+    cache: str = Field("memory://", description="response cache: memory:// or redis(s)://")
+    ledger: str = Field("sqlite:///asgi-llm.db", description="usage ledger: sqlite:// or postgresql://")
+
+    @field_validator("state", "cache", "ledger")
+    @classmethod
+    def _check_scheme(cls, value: str, info: ValidationInfo) -> str:
+        return _check_store_url(info.field_name, value)
+
+
+class KeyLimits(BaseModel):
+    """Rate limits and spend quotas; unset means unlimited."""
+
+    model_config = _MODEL_CONFIG
+
+    rpm: int | None = Field(None, gt=0, description="requests per minute")
+    tpm: int | None = Field(None, gt=0, description="tokens per minute")
+    concurrency: int | None = Field(None, gt=0, description="requests in flight at once")
+    spend_usd_per_day: Decimal | None = Field(None, gt=0, description="USD per UTC day")
+    spend_usd_per_month: Decimal | None = Field(None, gt=0, description="USD per UTC calendar month")
+
+
+class StaticKey(BaseModel):
+    """A client API key declared in the recipe (keys can also be created via the admin API)."""
+
+    model_config = _MODEL_CONFIG
+
+    key: str = Field(min_length=8, description="the secret bearer token clients send")
+    org: str = Field(min_length=1, description="the organisation billed and limited")
+    name: str | None = Field(None, description="human label shown in reports")
+    models: list[str] = Field(default_factory=lambda: ["*"], description='public models allowed; "*" = all')
+    limits: KeyLimits = Field(default_factory=KeyLimits, description="per-key limits")
+    scopes: list[_SCOPE] = Field(default_factory=lambda: ["inference"], description="what the key may do")
+
+
+class AuthConfig(BaseModel):
+    """Admin keys, static client keys and the pepper used to hash stored keys."""
+
+    model_config = _MODEL_CONFIG
+
+    admin_keys: list[_SECRET] = Field(default_factory=list, description="keys for /admin (min 8 chars)")
+    keys: list[StaticKey] = Field(default_factory=list, description="static client keys")
+    pepper: str | None = Field(None, description="secret mixed into stored key hashes")
+
+    @model_validator(mode="after")
+    def _no_duplicate_keys(self) -> AuthConfig:
+        seen: dict[str, Loc] = {}
+        problems: list[tuple[Loc, str]] = []
+        entries: list[tuple[Loc, str]] = [(("admin_keys", i), k) for i, k in enumerate(self.admin_keys)]
+        entries += [(("keys", i, "key"), k.key) for i, k in enumerate(self.keys)]
+        for loc, value in entries:
+            if value in seen:
+                # Never echo the secret itself: point at its first occurrence instead.
+                problems.append((loc, f"duplicate key (same value as auth.{_render_loc(seen[value])})"))
+            else:
+                seen[value] = loc
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class LimitsConfig(BaseModel):
+    """Limits shared by every key of an organisation."""
+
+    model_config = _MODEL_CONFIG
+
+    org: KeyLimits = Field(default_factory=KeyLimits, description="applied to each org as a whole")
+
+
+class CacheConfig(BaseModel):
+    """The exact-match response cache."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(False, description="serve identical requests from the cache")
+    ttl_s: float = Field(300, gt=0, description="entry lifetime, seconds")
+    max_entries: int = Field(10_000, ge=1, description="max number of cached responses")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="max total size of cached responses")
+
+
+class ServerConfig(BaseModel):
+    """HTTP server limits."""
+
+    model_config = _MODEL_CONFIG
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(600, gt=0, description="whole request, including failover, seconds")
+
+
+class GatewayConfig(BaseModel):
+    """A whole recipe: providers, public models, stores, auth, limits, cache and server."""
+
+    model_config = _MODEL_CONFIG
+
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict, description="upstreams by name")
+    models: dict[str, ModelConfig] = Field(min_length=1, description="public model name -> routing")
+    stores: StoresConfig = Field(default_factory=StoresConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    def model_names(self) -> list[str]:
+        """The public model names, sorted."""
+        return sorted(self.models)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> GatewayConfig:
+        problems: list[tuple[Loc, str]] = []
+        for name in self.models:
+            if not name or any(ch.isspace() for ch in name):
+                problems.append((("models",), f"invalid public model name {name!r}: "
+                                 "must be non-empty and contain no whitespace"))
+        known_providers = ", ".join(sorted(self.providers)) or "none configured"
+        for name, model in self.models.items():
+            for i, target in enumerate(model.targets):
+                if target.provider is not None and target.provider not in self.providers:
+                    problems.append((("models", name, "targets", i, "provider"),
+                                     f"unknown provider {target.provider!r} (known: {known_providers})"))
+        known_models = ", ".join(self.model_names())
+        for i, key in enumerate(self.auth.keys):
+            for j, model_name in enumerate(key.models):
+                if model_name != "*" and model_name not in self.models:
+                    problems.append((("auth", "keys", i, "models", j),
+                                     f"unknown model {model_name!r} (known: *, {known_models})"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip ``Annotated`` and ``X | None`` down to the interesting type."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _walk(loc: Loc, root: Any = GatewayConfig) -> tuple[str, Any]:
+    """Render ``loc`` as ``a.b[0].c`` and return the type found at its end (or None)."""
+    out: list[str] = []
+    tp: Any = root
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for an error in a dict key
+            continue
+        tp = _unwrap(tp) if tp is not None else None
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and part in tp.model_fields:
+            out.append(f".{part}")
+            tp = tp.model_fields[str(part)].annotation
+        elif origin is dict:
+            out.append(f".{part}")
+            tp = typing.get_args(tp)[1]
+        elif origin is list and isinstance(part, int):
+            out.append(f"[{part}]")
+            tp = typing.get_args(tp)[0]
+        else:
+            out.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+            tp = None
+    return "".join(out).lstrip("."), (_unwrap(tp) if tp is not None else None)
+
+
+def _render_loc(loc: Loc, root: Any = None) -> str:
+    """Render a loc; with ``root=None`` ints are list indexes and strs are keys."""
+    return _walk(loc, root)[0]
+
+
+def _yaml_type(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _unknown_key_message(key: Any, model: Any) -> str:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return f"unknown key {key!r}"
+    allowed = sorted(model.model_fields)
+    hint = ""
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    if close:
+        hint = f", did you mean {close[0]!r}?"
+    return f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})"
+
+
+def _convert_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Turn pydantic errors into ``(path, message)`` pairs, never using the input value."""
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc: Loc = tuple(err["loc"])
+        ctx = err.get("ctx") or {}
+        cause = ctx.get("error")
+        if isinstance(cause, _Problems):
+            for rel, message in cause.problems:
+                problems.append((_walk(loc + rel)[0], message))
+            continue
+        path, _ = _walk(loc)
+        kind = err["type"]
+        message = err["msg"]
+        if kind == "extra_forbidden":
+            _, parent = _walk(loc[:-1])
+            message = _unknown_key_message(loc[-1], parent)
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            message = f"expected a mapping, got {_yaml_type(err.get('input'))}"
+        elif kind == "list_type":
+            message = f"expected a list, got {_yaml_type(err.get('input'))}"
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind == "value_error":
+            message = str(cause) if cause is not None else message.removeprefix("Value error, ")
+        if loc and loc[-1] == "[key]":
+            message = f"invalid key: {message}"
+        problems.append((path, message))
+    return problems
+
+
+# --------------------------------------------------------------------------- expansion
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Expander:
+    """Expands ``${VAR}``, ``${VAR:-default}`` and ``$$`` in every string of a YAML tree."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[tuple[str, str]] = []
+        self.failed_paths: list[str] = []
+
+    def tree(self, node: Any, loc: Loc = ()) -> Any:
+        if isinstance(node, str):
+            return self.string(node, loc)
+        if isinstance(node, dict):
+            return {k: self.tree(v, loc + (k,)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.tree(v, loc + (i,)) for i, v in enumerate(node)]
+        return node
+
+    def string(self, text: str, loc: Loc) -> str:
+        if "$" not in text:
+            return text
+        errors: list[str] = []
+        value, _ = self._scan(text, 0, nested=False, evaluate=True, errors=errors)
+        if errors:
+            path = _render_loc(loc, GatewayConfig)
+            self.failed_paths.append(path)
+            self.problems.extend((path, e) for e in dict.fromkeys(errors))
+            return ""
+        return value
+
+    def _scan(self, text: str, i: int, *, nested: bool, evaluate: bool, errors: list[str]) -> tuple[str, int]:
+        """Expand from ``i``; in a default (``nested``) stop at the closing ``}``."""
+        out: list[str] = []
+        n = len(text)
+        while i < n:
+            ch = text[i]
+            if nested and ch == "}":
+                return "".join(out), i
+            if ch != "$" or i + 1 >= n or text[i + 1] not in "${":
+                out.append(ch)
+                i += 1
+                continue
+            if text[i + 1] == "$":
+                out.append("$")
+                i += 2
+                continue
+            start = i
+            match = _NAME_RE.match(text, i + 2)
+            end = match.end() if match else i + 2
+            if match and text.startswith("}", end):
+                name = match.group()
+                i = end + 1
+                if evaluate:
+                    if name in self.environ:
+                        out.append(self.environ[name])
+                    else:
+                        errors.append(f"environment variable {name} is not set "
+                                      f"(use ${{{name}:-default}} for a default)")
+                continue
+            if match and text.startswith(":-", end):
+                name = match.group()
+                current = self.environ.get(name, "")
+                use_default = evaluate and not current
+                default, j = self._scan(text, end + 2, nested=True, evaluate=use_default, errors=errors)
+                if j >= n:
+                    errors.append(f"unterminated '${{{name}:-' (missing '}}')")
+                    return "".join(out), n
+                i = j + 1
+                if evaluate:
+                    out.append(default if use_default else current)
+                continue
+            errors.append(f"invalid variable reference at character {start + 1}: expected "
+                          "${NAME} or ${NAME:-default} (write $$ for a literal $)")
+            out.append(text[start:end])
+            i = end
+        return "".join(out), i
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys in a mapping (YAML would keep the last)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} in a mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    # Deliberately not str(exc): it quotes the offending line, which may hold a secret.
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    detail = f"{context}: {problem}" if context else problem
+    return ("", f"YAML syntax error{where}: {detail}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def config_from_dict(
+    data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Validate an already-parsed recipe (expanding ``${VAR}`` in its strings)."""
+    if not isinstance(data, dict):
+        raise ConfigError([("", f"the top level must be a mapping, got {_yaml_type(data)}")], source)
+    expander = _Expander(os.environ if environ is None else environ)
+    expanded = expander.tree(data)
+    problems = list(expander.problems)
+    try:
+        config = GatewayConfig.model_validate(expanded)
+    except ValidationError as exc:
+        failed = expander.failed_paths
+        for path, message in _convert_errors(exc):
+            # A value whose expansion failed was replaced by "": don't also report that "".
+            if any(path == f or path.startswith((f + ".", f + "[")) for f in failed):
+                continue
+            problems.append((path, message))
+        if not problems:  # pragma: no cover -- a validation error always yields a problem
+            problems.append(("", "invalid recipe"))
+        raise ConfigError(problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def parse_config(
+    text: str, *, source: str = "<string>", environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Parse and validate a recipe given as YAML text."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(exc)], source) from None
+    if data is None:
+        raise ConfigError([("", "the recipe is empty (expected a mapping with at least 'models')")], source)
+    return config_from_dict(data, source=source, environ=environ)
+
+
+def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, parse and validate the recipe file at ``path``."""
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([("", f"cannot read the recipe: {reason}")], source) from None
+    return parse_config(text, source=source, environ=environ)

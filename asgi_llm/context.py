@@ -1,0 +1,142 @@
+"""The one per-request object every layer shares.
+
+:class:`ContextMiddleware` creates a :class:`RequestContext` once, stores it at
+``scope["asgi_llm"]`` and calls the next layer. Outer layers keep a reference to the
+object; inner layers write their results on it (``principal``, ``plan``, ``target``,
+``attempts``, ``usage``, ``cost``, ``cache_status``, ``timings``). Nothing re-parses the
+body, and no middleware keeps per-request state on ``self``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from asgi_llm.routing.router import Target
+
+__all__ = [
+    "SCOPE_KEY",
+    "Endpoint",
+    "RequestContext",
+    "Usage",
+    "gateway_headers",
+    "get_context",
+    "new_request_id",
+]
+
+SCOPE_KEY = "asgi_llm"
+
+Endpoint = Literal["chat", "completions", "embeddings", "models", "health", "other"]
+
+
+def new_request_id() -> str:
+    """A random request id (``req_`` + 24 hex digits)."""
+    return "req_" + os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token usage of one attempt, as the upstream reported it (or estimated, flagged)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage | None:
+        """Read an OpenAI ``usage`` object; ``None`` when it is missing or not an object."""
+        if not isinstance(usage, dict):
+            return None
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        cdetails = usage.get("completion_tokens_details")
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=_int(usage.get("total_tokens")) or prompt + completion,
+            cached_tokens=_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+            reasoning_tokens=_int(cdetails.get("reasoning_tokens")) if isinstance(cdetails, dict) else 0,
+        )
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything the pipeline knows about one request.
+
+    Set by :class:`~asgi_llm.middleware.context.ContextMiddleware`:
+        ``request_id``, ``endpoint``, ``body`` (the raw bytes), ``payload`` (the parsed,
+        validated JSON object, unknown fields kept), ``model`` (the public name),
+        ``stream``, ``include_usage`` (did the *client* ask for the usage chunk).
+    Written by inner layers:
+        ``principal`` (auth), ``plan`` and ``target`` (routing), ``attempts``,
+        ``usage``, ``cost``, ``cache_status``, ``timings`` (seconds, by phase),
+        ``response_headers`` (extra headers any layer wants on the response).
+    """
+
+    request_id: str
+    endpoint: Endpoint = "other"
+    method: str = "GET"
+    path: str = ""
+    body: bytes = b""
+    payload: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    started_at: float = field(default_factory=time.perf_counter)
+    principal: Any = None
+    plan: list[Target] = field(default_factory=list)
+    target: Target | None = None
+    attempts: int = 0
+    usage: Usage | None = None
+    cost: Any = None
+    cache_status: str = "BYPASS"
+    upstream_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_inference(self) -> bool:
+        """True for the endpoints that call an upstream."""
+        return self.endpoint in ("chat", "completions", "embeddings")
+
+    def overhead_ms(self) -> float:
+        """Time spent in the gateway so far, excluding time waiting on upstreams."""
+        return max(0.0, (time.perf_counter() - self.started_at - self.upstream_seconds) * 1000.0)
+
+
+def get_context(scope: Scope) -> RequestContext | None:
+    """The request's context, or ``None`` when ``ContextMiddleware`` has not run."""
+    return scope.get(SCOPE_KEY)  # type: ignore[no-any-return]
+
+
+def gateway_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """The headers every gateway response carries, success or error.
+
+    ``x-request-id`` always; ``x-asgi-llm-route`` / ``-attempts`` once a target was
+    tried; ``x-asgi-llm-cache``; ``x-asgi-llm-overhead-ms`` (time in the gateway, not
+    waiting on upstreams, up to now); then whatever layers put on
+    ``ctx.response_headers`` (rate-limit headers, for instance).
+    """
+    headers = [(b"x-request-id", ctx.request_id.encode())]
+    if ctx.is_inference:
+        if ctx.target is not None:
+            headers.append((b"x-asgi-llm-route", ctx.target.route.encode()))
+        headers.append((b"x-asgi-llm-attempts", str(ctx.attempts).encode()))
+        headers.append((b"x-asgi-llm-cache", ctx.cache_status.encode()))
+        headers.append((b"x-asgi-llm-overhead-ms", f"{ctx.overhead_ms():.2f}".encode()))
+    headers.extend(ctx.response_headers)
+    return headers

@@ -1,0 +1,143 @@
+"""DispatchApp: the endpoint that makes one attempt against ``ctx.target``.
+
+Non-streaming: the upstream body is read whole, checked to be a JSON object (garbage
+is a 502, never relayed as a success), its usage recorded, and relayed byte for byte.
+
+Streaming: chunks are relayed one by one as they arrive — never buffered whole. The
+response start is sent with the first chunk, so an upstream that accepts and then dies
+before saying anything still gets a clean HTTP error. The usage chunk the gateway
+always asks for is recorded and only passed on if the client asked for it. A stream
+that ends without ``[DONE]`` or with a malformed chunk raises; the error layer then ends
+the client's stream with a terminal error event, so a cut answer never looks finished.
+A client that disconnects cancels the upstream call.
+
+Every failure is raised, never written here: outer layers (failover, errors) decide what
+the client sees.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected
+from asgi_llm._sse import DONE
+from asgi_llm.context import RequestContext, Usage, gateway_headers
+from asgi_llm.errors import ServiceUnavailableError
+from asgi_llm.middleware.context import ensure_context
+from asgi_llm.providers.base import ProviderAdapter, UpstreamReply
+from asgi_llm.routing.router import Router
+
+__all__ = ["DispatchApp"]
+
+
+class DispatchApp:
+    """Send the request to one target and relay the answer.
+
+    Args:
+        providers: adapter per provider name.
+        router: used only when no outer layer has chosen ``ctx.target`` (standalone use).
+    """
+
+    def __init__(self, *, providers: Mapping[str, ProviderAdapter], router: Router) -> None:
+        self.providers = providers
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx, receive = await ensure_context(scope, receive)
+        target = ctx.target
+        if target is None:
+            if not ctx.plan:
+                ctx.plan = self.router.plan(ctx)
+            target = ctx.target = ctx.plan[0]
+        adapter = self.providers.get(target.provider)
+        if adapter is None:
+            raise ServiceUnavailableError(f"No adapter is configured for provider '{target.provider}'.")
+        ctx.attempts += 1
+        t0 = time.perf_counter()
+        try:
+            reply = await adapter.send(ctx, target)
+        finally:
+            ctx.upstream_seconds += time.perf_counter() - t0
+        try:
+            if ctx.stream:
+                await _relay_stream(ctx, reply, receive, send)
+            else:
+                await _relay_body(ctx, reply, send)
+        finally:
+            await reply.aclose()
+
+
+async def _relay_body(ctx: RequestContext, reply: UpstreamReply, send: Send) -> None:
+    t0 = time.perf_counter()
+    try:
+        raw, obj = await reply.body()
+    finally:
+        ctx.upstream_seconds += time.perf_counter() - t0
+    ctx.usage = Usage.from_openai(obj.get("usage"))
+    ctx.timings["upstream_total"] = time.perf_counter() - reply.sent_at
+    headers = [*JSON_HEADERS, *gateway_headers(ctx), (b"content-length", str(len(raw)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": raw})
+
+
+async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, receive: Receive, send: Send) -> None:
+    """Relay chunks while watching for the client going away."""
+    failure: BaseException | None = None
+    disconnected = False
+
+    async def watch_disconnect(scope: anyio.CancelScope) -> None:
+        nonlocal disconnected
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_disconnect, tg.cancel_scope)
+        try:
+            await _pump(ctx, reply, send)
+        except Exception as exc:  # re-raised below, outside the task group
+            failure = exc
+        tg.cancel_scope.cancel()
+    if disconnected:
+        ctx.state["client_disconnected"] = True
+        raise ClientDisconnected()
+    if failure is not None:
+        raise failure
+
+
+async def _pump(ctx: RequestContext, reply: UpstreamReply, send: Send) -> None:
+    started = False
+    include_usage = ctx.include_usage
+    wait_from = time.perf_counter()
+    async for raw, obj in reply.chunks():
+        usage = obj.get("usage")
+        if usage:
+            ctx.usage = Usage.from_openai(usage)
+            if not include_usage:
+                if not obj.get("choices"):
+                    continue  # the usage-only chunk the client did not ask for
+                raw = b"data: " + json.dumps({k: v for k, v in obj.items() if k != "usage"}, separators=(",", ":")).encode() + b"\n\n"
+        if not started:
+            # Time spent waiting for the upstream's first chunk is not gateway overhead.
+            ctx.upstream_seconds += time.perf_counter() - wait_from
+            if reply.first_content_at is not None:
+                ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
+            headers = [*SSE_HEADERS, *gateway_headers(ctx)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            started = True
+        elif "ttft" not in ctx.timings and reply.first_content_at is not None:
+            ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
+        await send({"type": "http.response.body", "body": raw, "more_body": True})
+    if not started:
+        ctx.upstream_seconds += time.perf_counter() - wait_from
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *gateway_headers(ctx)]})
+    ctx.timings["upstream_total"] = time.perf_counter() - reply.sent_at
+    await send({"type": "http.response.body", "body": DONE, "more_body": False})

@@ -1,0 +1,80 @@
+"""The gateway's own small endpoints, and the innermost path switch.
+
+``GatewayEndpoints`` is the app at the centre of the pipeline: inference requests go
+to the :class:`~asgi_llm.dispatch.DispatchApp` (through failover, when configured);
+``GET /v1/models``, ``/healthz`` and ``/readyz`` are answered here; anything else is an
+OpenAI-shaped 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from asgi_llm._asgi import send_json
+from asgi_llm.context import gateway_headers
+from asgi_llm.errors import ModelNotFoundError, NotFoundError
+from asgi_llm.middleware.context import ensure_context
+from asgi_llm.routing.router import Router
+
+__all__ = ["GatewayEndpoints", "ReadinessCheck"]
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+"""Returns ``None`` when ready, else a short reason (e.g. ``"ledger store unreachable"``)."""
+
+
+class GatewayEndpoints:
+    """Route a request that passed the middlewares to the right handler."""
+
+    def __init__(self, *, inference: ASGIApp, router: Router, readiness: Sequence[ReadinessCheck] = ()) -> None:
+        self.inference = inference
+        self.router = router
+        self.readiness = list(readiness)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx, receive = await ensure_context(scope, receive)
+        if ctx.is_inference:
+            await self.inference(scope, receive, send)
+        elif ctx.endpoint == "models":
+            await self._models(scope, send, ctx.path)
+        elif ctx.endpoint == "health":
+            await self._health(send, ctx.path, gateway_headers(ctx))
+        else:
+            raise NotFoundError(
+                f"No such endpoint: {scope['method']} {ctx.path}. The gateway serves "
+                "/v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models."
+            )
+
+    def visible_models(self, scope: Scope) -> list[str]:
+        """The public model names this caller may use (all, until keys restrict them)."""
+        ctx = scope["asgi_llm"]
+        allowed = getattr(ctx.principal, "allows_model", None)
+        names = self.router.model_names()
+        return [n for n in names if allowed(n)] if allowed is not None else names
+
+    async def _models(self, scope: Scope, send: Send, path: str) -> None:
+        headers = gateway_headers(scope["asgi_llm"])
+        names = self.visible_models(scope)
+        prefix = "/v1/models/" if path.startswith("/v1/") else "/models/"
+        if path.startswith(prefix):
+            name = path[len(prefix):]
+            if name not in names:
+                raise ModelNotFoundError(f"The model '{name}' does not exist or you do not have access to it.", param="model")
+            await send_json(send, 200, _model_obj(name), headers)
+            return
+        await send_json(send, 200, {"object": "list", "data": [_model_obj(n) for n in names]}, headers)
+
+    async def _health(self, send: Send, path: str, headers: list[tuple[bytes, bytes]]) -> None:
+        if path == "/healthz":
+            await send_json(send, 200, {"status": "ok"}, headers)
+            return
+        problems = [p for p in [await check() for check in self.readiness] if p]
+        if problems:
+            await send_json(send, 503, {"status": "unavailable", "problems": problems}, headers)
+        else:
+            await send_json(send, 200, {"status": "ready"}, headers)
+
+
+def _model_obj(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "asgi-llm"}

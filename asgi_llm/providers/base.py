@@ -1,0 +1,276 @@
+"""The ``ProviderAdapter`` seam: one attempt against one target.
+
+An adapter turns the request on the context into the upstream's wire format, sends it
+through its :class:`~asgi_llm.providers.transport.UpstreamTransport`, and hands back an
+:class:`UpstreamReply` that speaks OpenAI's format whatever the upstream speaks:
+``body()`` for a whole response, ``chunks()`` for a stream of chat/completion chunks.
+Everything that goes wrong is an :class:`~asgi_llm.errors.UpstreamError` whose
+``retryable`` flag tells failover whether another target may help.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from asgi_llm._sse import SSEParser
+from asgi_llm.errors import (
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from asgi_llm.context import RequestContext
+    from asgi_llm.providers.transport import UpstreamResponse
+    from asgi_llm.routing.router import Target
+
+__all__ = [
+    "Chunk",
+    "ProviderAdapter",
+    "Timeouts",
+    "UpstreamReply",
+    "chunk_has_content",
+    "raise_for_upstream_status",
+]
+
+Chunk = tuple[bytes, dict[str, Any]]
+"""One stream chunk: the SSE event's bytes, ready to relay, and the parsed object."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-attempt time limits, in seconds.
+
+    ``attempt`` bounds a non-streaming call from send to the last body byte, and a
+    stream's wait for its response headers. ``ttft`` bounds a stream's wait for its
+    first content (time to first token). ``idle`` bounds the silence between two
+    stream chunks after that. ``connect`` is handled by the transport.
+    """
+
+    connect: float = 5.0
+    attempt: float = 60.0
+    ttft: float = 15.0
+    idle: float = 30.0
+
+
+class ProviderAdapter(Protocol):
+    """Makes one attempt against a target of this provider.
+
+    Example:
+        >>> reply = await adapter.send(ctx, target)
+        >>> raw, obj = await reply.body()          # non-streaming
+        >>> async for raw, obj in reply.chunks():  # streaming
+        ...     ...
+    """
+
+    name: str
+
+    async def send(self, ctx: RequestContext, target: Target) -> UpstreamReply:
+        """Send ``ctx``'s request to ``target``; return once the upstream accepted it.
+
+        Raises :class:`UpstreamError` (with ``retryable`` set) for connection failures,
+        timeouts and non-2xx statuses. The returned reply must be closed.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close the adapter's connection pool."""
+        ...
+
+
+def chunk_has_content(obj: dict[str, Any]) -> bool:
+    """Does this chunk carry answer content (the stream's commit point)?
+
+    Content text, a tool-call delta, a refusal, reasoning text, legacy ``text``, or a
+    ``finish_reason`` (an answer that is legitimately empty is still an answer).
+    """
+    choices = obj.get("choices")
+    if not choices or not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
+            or delta.get("reasoning_content") or delta.get("reasoning") or delta.get("function_call")
+        ):
+            return True
+    return False
+
+
+class UpstreamReply:
+    """An accepted upstream response, presented in OpenAI's format.
+
+    The base class reads OpenAI-compatible bodies and SSE streams; adapters for other
+    wire formats override :meth:`body` and :meth:`chunks`.
+    """
+
+    def __init__(self, response: UpstreamResponse, *, target: str, timeouts: Timeouts, sent_at: float) -> None:
+        self.response = response
+        self.target = target
+        self.timeouts = timeouts
+        self.sent_at = sent_at
+        self.first_content_at: float | None = None
+
+    @property
+    def headers(self) -> Any:
+        return self.response.headers
+
+    async def body(self) -> tuple[bytes, dict[str, Any]]:
+        """The whole JSON body (bytes to relay, parsed object), within the attempt timeout."""
+        remaining = self.timeouts.attempt - (time.perf_counter() - self.sent_at)
+        try:
+            with anyio.fail_after(max(remaining, 0.001)):
+                raw = await self.response.read()
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"{self.target} did not finish its response within {self.timeouts.attempt:g} s.", target=self.target
+            ) from None
+        obj = _parse_json_object(raw, self.target)
+        if "error" in obj and not obj.get("choices") and not obj.get("data"):
+            raise _error_from_body(obj, 502, self.target, self.response.headers)
+        return raw, obj
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """Stream chunks until ``[DONE]``, enforcing time-to-first-token and idle limits.
+
+        Raises :class:`UpstreamProtocolError` for a malformed chunk or a stream that
+        ends without ``[DONE]``, :class:`UpstreamTimeoutError` for a stall, and an
+        :class:`UpstreamError` for an ``{"error": ...}`` event.
+        """
+        parser = SSEParser()
+        iterator = self.response.iter_chunks().__aiter__()
+        ttft_deadline = self.sent_at + self.timeouts.ttft
+        try:
+            while True:
+                now = time.perf_counter()
+                if self.first_content_at is None:
+                    wait = min(self.timeouts.idle, ttft_deadline - now)
+                else:
+                    wait = self.timeouts.idle
+                try:
+                    with anyio.fail_after(max(wait, 0.001)):
+                        data = await iterator.__anext__()
+                except StopAsyncIteration:
+                    if parser.pending.strip():
+                        raise UpstreamProtocolError(f"{self.target} cut the stream mid-event.", target=self.target) from None
+                    raise UpstreamProtocolError(
+                        f"{self.target} ended the stream without [DONE]; the answer may be incomplete.",
+                        target=self.target,
+                    ) from None
+                except TimeoutError:
+                    if self.first_content_at is None:
+                        raise UpstreamTimeoutError(
+                            f"{self.target} sent no tokens within the time-to-first-token limit of {self.timeouts.ttft:g} s.",
+                            target=self.target,
+                        ) from None
+                    raise UpstreamTimeoutError(
+                        f"{self.target} stalled: no data for {self.timeouts.idle:g} s mid-stream.", target=self.target
+                    ) from None
+                for event in parser.feed(data):
+                    payload = event.data
+                    if payload == "[DONE]":
+                        return
+                    if event.event is not None and event.event not in ("message", "chunk"):
+                        if event.event == "error":
+                            raise _error_from_event(payload, self.target)
+                        continue
+                    obj = _parse_json_object(payload.encode(), self.target, what="stream chunk")
+                    if "error" in obj and not obj.get("choices"):
+                        raise _error_from_body(obj, 502, self.target, None)
+                    if self.first_content_at is None and chunk_has_content(obj):
+                        self.first_content_at = time.perf_counter()
+                    yield event.raw, obj
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+def _parse_json_object(raw: bytes, target: str, *, what: str = "response") -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        preview = raw[:80].decode("utf-8", "replace")
+        raise UpstreamProtocolError(
+            f"{target} sent a {what} that is not JSON (starts with {preview!r}).", target=target
+        ) from None
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError(f"{target} sent a {what} that is not a JSON object.", target=target)
+    return obj
+
+
+def _error_from_event(payload: str, target: str) -> UpstreamError:
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        obj = {}
+    return _error_from_body(obj if isinstance(obj, dict) else {}, 502, target, None)
+
+
+def _error_from_body(obj: dict[str, Any], status: int, target: str, headers: Any) -> UpstreamError:
+    err = obj.get("error")
+    message = None
+    etype = code = param = None
+    if isinstance(err, dict):
+        message = err.get("message")
+        etype = err.get("type")
+        code = err.get("code")
+        param = err.get("param")
+    elif isinstance(err, str):
+        message = err
+    if not isinstance(message, str) or not message:
+        message = f"{target} answered with HTTP {status}."
+    else:
+        message = f"{target}: {message}"
+    return UpstreamStatusError(
+        message,
+        upstream_status=status,
+        upstream_type=etype if isinstance(etype, str) else None,
+        code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
+        target=target,
+        headers=_retry_headers(headers),
+    )
+
+
+def _retry_headers(headers: Any) -> dict[str, str]:
+    if headers is None:
+        return {}
+    out = {}
+    for name in ("retry-after", "retry-after-ms"):
+        value = headers.get(name)
+        if value:
+            out[name] = value
+    return out
+
+
+async def raise_for_upstream_status(response: UpstreamResponse, target: str) -> None:
+    """Raise the right :class:`UpstreamError` for a non-2xx response (and close it)."""
+    try:
+        try:
+            with anyio.fail_after(5):
+                raw = await response.read()
+        except (TimeoutError, UpstreamError):
+            raw = b""
+        try:
+            obj = json.loads(raw) if raw else {}
+        except (ValueError, UnicodeDecodeError):
+            obj = {}
+        if not isinstance(obj, dict) or "error" not in obj:
+            text = raw[:200].decode("utf-8", "replace").strip()
+            obj = {"error": {"message": text}} if text and not text.startswith("<") else {}
+        raise _error_from_body(obj, response.status, target, response.headers)
+    finally:
+        await response.aclose()

@@ -1,0 +1,299 @@
+"""The ``UpstreamTransport`` seam: how bytes reach an upstream.
+
+Two implementations of one small Protocol:
+
+* :class:`AiohttpTransport` — the default under asyncio. In a pass-through proxy it
+  gives several times the throughput and a far lower p99 than the httpx family.
+* :class:`HttpxTransport` — httpx2 (the maintained successor of httpx, same API); it
+  runs under trio as well, and is what tests use to exercise the seam on both loops.
+
+Each provider owns one transport, i.e. one connection pool. Foreign exceptions are
+mapped to ours at the seam (``raise UpstreamConnectionError(...) from exc``), so no
+aiohttp or httpx2 type escapes this module. Timeouts other than connect are applied by
+callers with ``anyio.fail_after``, which works the same on every loop and transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from asgi_llm.errors import UpstreamConnectionError, UpstreamError, UpstreamProtocolError, UpstreamTimeoutError
+
+if TYPE_CHECKING:
+    import aiohttp
+    import httpx2
+
+__all__ = [
+    "AiohttpTransport",
+    "AutoTransport",
+    "HttpxTransport",
+    "TransportName",
+    "UpstreamResponse",
+    "UpstreamTransport",
+    "make_transport",
+]
+
+TransportName = Literal["auto", "aiohttp", "httpx"]
+
+
+class UpstreamResponse(Protocol):
+    """A response whose headers have arrived; the body is read or iterated once."""
+
+    status: int
+    headers: Mapping[str, str]
+    """Response headers; lookups are case-insensitive."""
+
+    async def read(self) -> bytes:
+        """Read the whole body (non-streaming calls)."""
+        ...
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield body bytes as they arrive, in pieces of any size (streams)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection; if the body was not read to the end, abort it so the
+        upstream sees the cancellation (a client that went away stops generation)."""
+        ...
+
+
+class UpstreamTransport(Protocol):
+    """Sends HTTP requests to upstreams over one shared connection pool.
+
+    Example:
+        >>> transport = AiohttpTransport(max_connections=100, connect_timeout=5)
+        >>> resp = await transport.send("POST", url, headers={...}, body=b"{...}")
+        >>> data = await resp.read(); await resp.aclose()
+    """
+
+    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
+        """Send a request; return as soon as the status and headers have arrived.
+
+        Raises :class:`UpstreamConnectionError` (refused, reset, DNS) or
+        :class:`UpstreamTimeoutError` (connect timeout). Never raises a foreign type.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close the pool. Safe to call twice, and before first use."""
+        ...
+
+
+# --------------------------------------------------------------------------- aiohttp
+
+
+@contextlib.contextmanager
+def _map_aiohttp_errors(url: str) -> Iterator[None]:
+    import aiohttp
+
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except asyncio.TimeoutError as exc:
+        raise UpstreamTimeoutError(f"Timed out connecting to {url}.") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamConnectionError(f"Could not connect to {url}: {exc.os_error or exc}.") from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        raise UpstreamConnectionError(f"The connection to {url} was closed or reset: {exc or type(exc).__name__}.") from exc
+    except aiohttp.ClientResponseError as exc:
+        raise UpstreamProtocolError(f"{url} sent an invalid HTTP response: {exc.message}.") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamConnectionError(f"Request to {url} failed: {exc or type(exc).__name__}.") from exc
+
+
+class _AiohttpResponse:
+    __slots__ = ("_resp", "_url", "_done", "status", "headers")
+
+    def __init__(self, resp: aiohttp.ClientResponse, url: str) -> None:
+        self._resp = resp
+        self._url = url
+        self._done = False
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+
+    async def read(self) -> bytes:
+        with _map_aiohttp_errors(self._url):
+            data = await self._resp.read()
+        self._done = True
+        return data
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        with _map_aiohttp_errors(self._url):
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        self._done = True
+
+    async def aclose(self) -> None:
+        if self._done:
+            self._resp.release()
+        else:
+            self._resp.close()  # drops the connection: the upstream sees the abort
+
+
+class AiohttpTransport:
+    """aiohttp client session with one ``TCPConnector`` pool (asyncio only).
+
+    The session is created on first use, inside the running loop.
+    """
+
+    def __init__(self, *, max_connections: int = 256, connect_timeout: float = 5.0) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None or session.closed:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
+                skip_auto_headers=("User-Agent",),
+            )
+            self._session = session
+        return session
+
+    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
+        session = self._get_session()
+        with _map_aiohttp_errors(url):
+            resp = await session.request(method, url, headers=headers, data=body, allow_redirects=False)
+        return _AiohttpResponse(resp, url)
+
+    async def aclose(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+
+# ----------------------------------------------------------------------------- httpx2
+
+
+@contextlib.contextmanager
+def _map_httpx_errors(url: str) -> Iterator[None]:
+    import httpx2
+
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except httpx2.ConnectTimeout as exc:
+        raise UpstreamTimeoutError(f"Timed out connecting to {url}.") from exc
+    except httpx2.TimeoutException as exc:
+        raise UpstreamTimeoutError(f"Timed out talking to {url}.") from exc
+    except httpx2.ConnectError as exc:
+        raise UpstreamConnectionError(f"Could not connect to {url}: {exc}.") from exc
+    except httpx2.RemoteProtocolError as exc:
+        raise UpstreamConnectionError(f"The connection to {url} was closed or broken: {exc}.") from exc
+    except (httpx2.ReadError, httpx2.WriteError, httpx2.NetworkError) as exc:
+        raise UpstreamConnectionError(f"The connection to {url} was reset: {exc or type(exc).__name__}.") from exc
+    except httpx2.DecodingError as exc:
+        raise UpstreamProtocolError(f"{url} sent a body that could not be decoded: {exc}.") from exc
+    except httpx2.HTTPError as exc:
+        raise UpstreamConnectionError(f"Request to {url} failed: {exc or type(exc).__name__}.") from exc
+
+
+class _HttpxResponse:
+    __slots__ = ("_resp", "_url", "_done", "status", "headers")
+
+    def __init__(self, resp: httpx2.Response, url: str) -> None:
+        self._resp = resp
+        self._url = url
+        self._done = False
+        self.status = resp.status_code
+        self.headers: Mapping[str, str] = resp.headers
+
+    async def read(self) -> bytes:
+        with _map_httpx_errors(self._url):
+            data = await self._resp.aread()
+        self._done = True
+        return data
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        with _map_httpx_errors(self._url):
+            async for chunk in self._resp.aiter_bytes():
+                yield chunk
+        self._done = True
+
+    async def aclose(self) -> None:
+        # httpx closes (not returns) a connection whose body was not fully read.
+        with contextlib.suppress(Exception):
+            await self._resp.aclose()
+
+
+class HttpxTransport:
+    """httpx2 ``AsyncClient`` (asyncio and trio)."""
+
+    def __init__(self, *, max_connections: int = 256, connect_timeout: float = 5.0) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self._client: httpx2.AsyncClient | None = None
+
+    def _get_client(self) -> httpx2.AsyncClient:
+        if self._client is None:
+            import httpx2
+
+            self._client = httpx2.AsyncClient(
+                limits=httpx2.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections),
+                timeout=httpx2.Timeout(None, connect=self.connect_timeout),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return self._client
+
+    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
+        client = self._get_client()
+        request = client.build_request(method, url, headers=headers, content=body)
+        with _map_httpx_errors(url):
+            resp = await client.send(request, stream=True)
+        return _HttpxResponse(resp, url)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = None
+
+
+# ------------------------------------------------------------------------------- auto
+
+
+def _running_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class AutoTransport:
+    """aiohttp under asyncio, httpx2 under any other loop (trio); chosen at first use."""
+
+    def __init__(self, *, max_connections: int = 256, connect_timeout: float = 5.0) -> None:
+        self._kwargs: dict[str, Any] = {"max_connections": max_connections, "connect_timeout": connect_timeout}
+        self._inner: UpstreamTransport | None = None
+
+    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
+        inner = self._inner
+        if inner is None:
+            inner = self._inner = (AiohttpTransport if _running_asyncio() else HttpxTransport)(**self._kwargs)
+        return await inner.send(method, url, headers=headers, body=body)
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()
+        self._inner = None
+
+
+def make_transport(name: TransportName = "auto", *, max_connections: int = 256, connect_timeout: float = 5.0) -> UpstreamTransport:
+    """Build a transport by name: ``auto`` (default), ``aiohttp`` or ``httpx``."""
+    table: dict[str, type[Any]] = {"auto": AutoTransport, "aiohttp": AiohttpTransport, "httpx": HttpxTransport}
+    try:
+        cls = table[name]
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r}; choose one of {', '.join(table)}") from None
+    return cls(max_connections=max_connections, connect_timeout=connect_timeout)  # type: ignore[no-any-return]
