@@ -58,21 +58,24 @@ class SSEParser:
         ['{"a": 1}']
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_skip_lf")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._skip_lf = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Add bytes; return every event completed by them, in order."""
+        if self._skip_lf:
+            # The previous piece ended in \r: a \n now is the second half of that \r\n.
+            self._skip_lf = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            # Rare in practice (OpenAI-compatible servers use \n); normalise this piece.
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
-            # Rare in practice (OpenAI-compatible servers use \n); normalise once. A lone
-            # trailing \r may be the first half of \r\n, so keep it for the next feed.
-            tail = b""
-            if buf.endswith(b"\r"):
-                buf, tail = buf[:-1], b"\r"
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         events: list[SSEEvent] = []
         start = 0
         while True:

@@ -17,7 +17,7 @@ the client sees.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -25,7 +25,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected
-from asgi_llm._sse import DONE
+from asgi_llm._sse import DONE, encode_json
 from asgi_llm.context import RequestContext, Usage, gateway_headers
 from asgi_llm.errors import ServiceUnavailableError
 from asgi_llm.middleware.context import ensure_context
@@ -117,25 +117,26 @@ async def _pump(ctx: RequestContext, reply: UpstreamReply, send: Send) -> None:
     started = False
     include_usage = ctx.include_usage
     wait_from = time.perf_counter()
-    async for raw, obj in reply.chunks():
-        usage = obj.get("usage")
-        if usage:
-            ctx.usage = Usage.from_openai(usage)
-            if not include_usage:
-                if not obj.get("choices"):
-                    continue  # the usage-only chunk the client did not ask for
-                raw = b"data: " + json.dumps({k: v for k, v in obj.items() if k != "usage"}, separators=(",", ":")).encode() + b"\n\n"
-        if not started:
-            # Time spent waiting for the upstream's first chunk is not gateway overhead.
-            ctx.upstream_seconds += time.perf_counter() - wait_from
-            if reply.first_content_at is not None:
+    async with contextlib.aclosing(reply.chunks()) as chunks:
+        async for raw, obj in chunks:
+            usage = obj.get("usage")
+            if usage:
+                ctx.usage = Usage.from_openai(usage)
+                if not include_usage:
+                    if not obj.get("choices"):
+                        continue  # the usage-only chunk the client did not ask for
+                    raw = encode_json({k: v for k, v in obj.items() if k != "usage"})
+            if not started:
+                # Time spent waiting for the upstream's first chunk is not gateway overhead.
+                ctx.upstream_seconds += time.perf_counter() - wait_from
+                if reply.first_content_at is not None:
+                    ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
+                headers = [*SSE_HEADERS, *gateway_headers(ctx)]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                started = True
+            elif "ttft" not in ctx.timings and reply.first_content_at is not None:
                 ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
-            headers = [*SSE_HEADERS, *gateway_headers(ctx)]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            started = True
-        elif "ttft" not in ctx.timings and reply.first_content_at is not None:
-            ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
-        await send({"type": "http.response.body", "body": raw, "more_body": True})
+            await send({"type": "http.response.body", "body": raw, "more_body": True})
     if not started:
         ctx.upstream_seconds += time.perf_counter() - wait_from
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *gateway_headers(ctx)]})

@@ -180,6 +180,7 @@ class UpstreamReply:
                 for event in parser.feed(data):
                     payload = event.data
                     if payload == "[DONE]":
+                        await _drain(iterator)
                         return
                     if event.event is not None and event.event not in ("message", "chunk"):
                         if event.event == "error":
@@ -196,6 +197,17 @@ class UpstreamReply:
 
     async def aclose(self) -> None:
         await self.response.aclose()
+
+
+async def _drain(iterator: AsyncIterator[bytes]) -> None:
+    """Read to the end of the body after ``[DONE]`` (normally just the closing chunk),
+    so the connection goes back to the pool instead of being dropped."""
+    try:
+        with anyio.fail_after(1.0):
+            async for _ in iterator:
+                pass
+    except (TimeoutError, UpstreamError):
+        pass  # the answer is complete; a connection that misbehaves now is simply not reused
 
 
 def _parse_json_object(raw: bytes, target: str, *, what: str = "response") -> dict[str, Any]:

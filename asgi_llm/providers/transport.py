@@ -215,9 +215,12 @@ class _HttpxResponse:
         return data
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        with _map_httpx_errors(self._url):
-            async for chunk in self._resp.aiter_bytes():
-                yield chunk
+        # Close httpx's own generator explicitly when we stop early (at [DONE], on a
+        # cancel): left to the garbage collector it would finalise on the wrong task.
+        async with contextlib.aclosing(self._resp.aiter_bytes()) as chunks:
+            with _map_httpx_errors(self._url):
+                async for chunk in chunks:
+                    yield chunk
         self._done = True
 
     async def aclose(self) -> None:
