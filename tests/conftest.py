@@ -1,0 +1,100 @@
+"""Shared fixtures: anyio backends, real fake-upstream processes, a real gateway process.
+
+Every in-process async test runs under asyncio *and* trio (the core must run on both;
+under trio the transport is httpx2, under asyncio aiohttp). End-to-end fixtures start
+real processes on 127.0.0.1 and are shared per session; each test starts from clean
+fake-upstream state (no faults, zeroed stats).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asgi_llm.testing.processes import FakeUpstreamHandle, fake_upstream, free_port, managed_process
+
+UPSTREAM_KEYS = {"provider-a": "sk-upstream-a", "provider-b": "sk-upstream-b"}
+
+
+@pytest.fixture(params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def _upstream_a() -> Iterator[FakeUpstreamHandle]:
+    with fake_upstream("provider-a", api_key=UPSTREAM_KEYS["provider-a"], models=["gpt-4o-mini", "text-embedding-3-small"]) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def _upstream_b() -> Iterator[FakeUpstreamHandle]:
+    with fake_upstream("provider-b", api_key=UPSTREAM_KEYS["provider-b"], models=["llama-3.1-8b"]) as h:
+        yield h
+
+
+@pytest.fixture
+def upstream_a(_upstream_a: FakeUpstreamHandle) -> Iterator[FakeUpstreamHandle]:
+    """Fake provider A (requires its upstream key), clean for this test."""
+    _upstream_a.reset()
+    yield _upstream_a
+    _upstream_a.reset()
+
+
+@pytest.fixture
+def upstream_b(_upstream_b: FakeUpstreamHandle) -> Iterator[FakeUpstreamHandle]:
+    """Fake provider B, clean for this test."""
+    _upstream_b.reset()
+    yield _upstream_b
+    _upstream_b.reset()
+
+
+def gateway_recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle) -> str:
+    """The recipe the e2e gateway serves. ``tight`` shares provider A's server with
+    short limits, for timeout tests."""
+    return textwrap.dedent(
+        f"""\
+        providers:
+          provider-a: {{base_url: "{a.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-a']}"], timeout_s: 10, ttft_timeout_s: 5}}
+          provider-b: {{base_url: "{b.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-b']}"], timeout_s: 10, ttft_timeout_s: 5}}
+          tight:      {{base_url: "{a.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-a']}"], timeout_s: 1.5, ttft_timeout_s: 1, idle_timeout_s: 1}}
+          nowhere:    {{base_url: "http://127.0.0.1:{free_port()}/v1", connect_timeout_s: 1}}
+          badkey:     {{base_url: "{a.base_url}", api_keys: ["sk-wrong"]}}
+        models:
+          chat:     {{targets: [{{provider: provider-a, model: gpt-4o-mini}}]}}
+          chat-b:   {{targets: [{{provider: provider-b, model: llama-3.1-8b}}]}}
+          embed:    {{targets: [{{provider: provider-a, model: text-embedding-3-small}}]}}
+          tight:    {{targets: [{{provider: tight, model: tight-model}}]}}
+          nowhere:  {{targets: [{{provider: nowhere, model: x}}]}}
+          badkey:   {{targets: [{{provider: badkey, model: x}}]}}
+        server: {{max_body_bytes: 65536}}
+        """
+    )
+
+
+@pytest.fixture(scope="session")
+def gateway_url(_upstream_a: FakeUpstreamHandle, _upstream_b: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real gateway process (``asgi-llm serve``) in front of the fake upstreams; yields its ``/v1`` URL."""
+    recipe = tmp_path_factory.mktemp("gateway") / "recipe.yaml"
+    recipe.write_text(gateway_recipe(_upstream_a, _upstream_b))
+    port = free_port()
+    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
+    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture
+def client(gateway_url: str, upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle) -> Iterator[object]:
+    """The official openai SDK pointed at the gateway (no SDK retries: we see every error)."""
+    import openai
+
+    c = openai.OpenAI(base_url=gateway_url, api_key="sk-client", max_retries=0, timeout=20)
+    yield c
+    c.close()
+
+
+REPO = Path(__file__).resolve().parent.parent
