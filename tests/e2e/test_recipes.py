@@ -1,0 +1,117 @@
+"""Recipes and the CLI as users run them: serve, check, the FastAPI mount, the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+
+from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from tests.conftest import REPO, UPSTREAM_KEYS
+
+pytestmark = pytest.mark.e2e
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asgi_llm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+class TestRecipeErrorsAtStart:
+    def test_unknown_key_fails_serve_with_path(self, tmp_path: Path) -> None:
+        """`asgi-llm serve` on a recipe with an unknown key exits 2 naming the key's path; nothing listens."""
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(textwrap.dedent("""\
+            providers:
+              a: {base_url: "http://127.0.0.1:1/v1", timeout_sec: 5}
+            models:
+              chat: {targets: [{provider: a, model: m}]}
+            """))
+        port = free_port()
+        res = _cli("serve", "--config", str(recipe), "--port", str(port), timeout=30)
+        assert res.returncode == 2
+        assert "providers.a.timeout_sec" in res.stderr
+        assert "Traceback" not in res.stderr
+
+    def test_wrong_type_fails_check_with_path(self, tmp_path: Path) -> None:
+        """`asgi-llm check` reports a wrong type at its path."""
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text("models:\n  chat:\n    targets:\n      - {provider: a, model: m, price: {input: cheap, output: 1}}\n"
+                          "providers:\n  a: {base_url: 'http://x/v1'}\n")
+        res = _cli("check", str(recipe))
+        assert res.returncode == 2
+        assert "models.chat.targets[0].price.input" in res.stderr
+
+    def test_unenforceable_settings_refused(self, tmp_path: Path) -> None:
+        """Settings this build cannot enforce (API keys) stop the start instead of being ignored."""
+        recipe = tmp_path / "keys.yaml"
+        recipe.write_text("providers:\n  a: {base_url: 'http://x/v1'}\nmodels:\n  chat: {targets: [{provider: a, model: m}]}\n"
+                          "auth:\n  admin_keys: ['adm-123456789']\n")
+        res = _cli("check", str(recipe))
+        assert res.returncode == 2 and "auth" in res.stderr
+        assert "adm-123456789" not in res.stderr
+
+    def test_standalone_recipe_is_valid(self) -> None:
+        """The shipped standalone recipe validates."""
+        res = _cli("check", "recipes/standalone.yaml")
+        assert res.returncode == 0, res.stderr
+        assert "chat" in res.stdout
+
+
+class TestServe:
+    def test_env_expansion_and_workers(self, tmp_path: Path, upstream_a: FakeUpstreamHandle) -> None:
+        """${VAR} values come from the environment; --workers 2 serves from both processes."""
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(textwrap.dedent("""\
+            providers:
+              a: {base_url: "${A_URL}", api_keys: ["${A_KEY}"]}
+            models:
+              chat: {targets: [{provider: a, model: gpt-4o-mini}]}
+            """))
+        port = free_port()
+        env = {"A_URL": upstream_a.base_url, "A_KEY": UPSTREAM_KEYS["provider-a"]}
+        args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
+                "--workers", "2", "--log-level", "warning"]
+        with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", env=env, name="gateway-workers"):
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as c:
+                for _ in range(6):
+                    reply = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+                    assert reply.choices[0].message.content.startswith("Hello from provider-a")
+
+
+class TestMountInFastAPI:
+    def test_host_routes_untouched_and_gateway_under_prefix(self, tmp_path: Path, upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle) -> None:
+        """recipes/mount_in_fastapi.py: host routes answer as before; /llm/v1 is the gateway."""
+        port = free_port()
+        env = {
+            "PROVIDER_A_URL": upstream_a.base_url, "PROVIDER_A_KEY": UPSTREAM_KEYS["provider-a"],
+            "PROVIDER_B_URL": upstream_b.base_url, "PROVIDER_B_KEY": UPSTREAM_KEYS["provider-b"],
+            "ASGI_LLM_CONFIG": str(REPO / "recipes" / "standalone.yaml"), "PYTHONPATH": str(REPO),
+        }
+        args = [sys.executable, "-m", "uvicorn", "recipes.mount_in_fastapi:app", "--port", str(port), "--log-level", "warning"]
+        with managed_process(args, ready_url=f"http://127.0.0.1:{port}/", env=env, name="fastapi-host"):
+            base = f"http://127.0.0.1:{port}"
+            with httpx2.Client(timeout=10) as http:
+                assert http.get(base + "/items/7").json() == {"item_id": 7}
+                assert http.get(base + "/").json()["llm"] == "/llm/v1"
+                assert http.get(base + "/docs").status_code == 200  # FastAPI's own pages still work
+                assert http.get(base + "/llm/healthz").json() == {"status": "ok"}
+            with openai.OpenAI(base_url=base + "/llm/v1", api_key="x", max_retries=0) as c:
+                reply = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+                assert reply.choices[0].message.content.startswith("Hello from provider-a")
+                chunks = list(c.chat.completions.create(model="chat-b", messages=[{"role": "user", "content": "hi"}], stream=True))
+                assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).startswith("Hello from provider-b")
+
+
+class TestDemo:
+    def test_demo_passes(self) -> None:
+        """`asgi-llm demo` runs its checklist offline and exits 0, one line per check."""
+        res = _cli("demo", timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "1. 200 from every route" in res.stdout
+        assert " 0 failed" in res.stdout
