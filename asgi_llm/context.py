@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from asgi_llm.routing.router import Target
 
 __all__ = [
+    "ANONYMOUS",
     "SCOPE_KEY",
     "Endpoint",
+    "Principal",
     "RequestContext",
     "Usage",
     "gateway_headers",
@@ -37,6 +39,34 @@ Endpoint = Literal["chat", "completions", "embeddings", "models", "health", "oth
 def new_request_id() -> str:
     """A random request id (``req_`` + 24 hex digits)."""
     return "req_" + os.urandom(12).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: set by auth, read by quota, cache, usage, audit and routing.
+
+    ``models`` is the key's allow-list of public model names (``None`` = all);
+    ``limits`` is whatever the quota layer attached for this key.
+    """
+
+    key_id: str
+    org: str
+    scopes: frozenset[str] = frozenset({"inference"})
+    models: frozenset[str] | None = None
+    name: str | None = None
+    team: str | None = None
+    limits: Any = None
+
+    def allows_model(self, model: str) -> bool:
+        """May this key use the public model ``model``?"""
+        return self.models is None or "*" in self.models or model in self.models
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+ANONYMOUS = Principal(key_id="anonymous", org="default")
+"""The principal of every request when no auth layer is configured."""
 
 
 @dataclass(slots=True)
@@ -96,7 +126,7 @@ class RequestContext:
     stream: bool = False
     include_usage: bool = False
     started_at: float = field(default_factory=time.perf_counter)
-    principal: Any = None
+    principal: Principal = ANONYMOUS
     plan: list[Target] = field(default_factory=list)
     target: Target | None = None
     attempts: int = 0

@@ -48,10 +48,8 @@ class GatewayEndpoints:
 
     def visible_models(self, scope: Scope) -> list[str]:
         """The public model names this caller may use (all, until keys restrict them)."""
-        ctx = scope["asgi_llm"]
-        allowed = getattr(ctx.principal, "allows_model", None)
-        names = self.router.model_names()
-        return [n for n in names if allowed(n)] if allowed is not None else names
+        principal = scope["asgi_llm"].principal
+        return [n for n in self.router.model_names() if principal.allows_model(n)]
 
     async def _models(self, scope: Scope, send: Send, path: str) -> None:
         headers = gateway_headers(scope["asgi_llm"])

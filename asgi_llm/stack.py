@@ -15,9 +15,12 @@ sub-apps get no lifespan events.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
+from anyio.abc import TaskGroup
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm.dispatch import DispatchApp
@@ -32,12 +35,36 @@ from asgi_llm.routing.router import ModelRoute, Price, Router, Target
 if TYPE_CHECKING:
     from asgi_llm.config import GatewayConfig
 
-__all__ = ["LAYERS", "Gateway", "build_gateway", "compose", "gateway_lifespan"]
+__all__ = [
+    "LAYERS",
+    "BuildParts",
+    "Gateway",
+    "LayerFactory",
+    "Resource",
+    "build_gateway",
+    "compose",
+    "gateway_lifespan",
+]
 
 LAYERS: tuple[str, ...] = ("errors", "context", "audit", "auth", "quota", "usage", "cache", "failover")
 """Every layer's name, outermost first. The order is fixed."""
 
-_AVAILABLE = frozenset({"errors", "context"})
+LayerFactory = Callable[[ASGIApp], ASGIApp]
+"""Wraps the inner app in one layer: ``lambda app: QuotaMiddleware(app, store=...)``."""
+
+
+class Resource(Protocol):
+    """Something the gateway opens at startup and closes at shutdown (a store's pool,
+    a background writer). Background work runs in the gateway's task group — no
+    fire-and-forget tasks."""
+
+    async def start(self, task_group: TaskGroup) -> None:
+        """Open connections; start background tasks in ``task_group``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Flush and close. Called once, in reverse start order."""
+        ...
 
 
 class Gateway:
@@ -47,13 +74,24 @@ class Gateway:
         app: the composed middleware stack (what HTTP requests go through).
         providers: adapter per provider name.
         router: public model → targets.
+        resources: opened at startup (in order), closed at shutdown (in reverse).
     """
 
-    def __init__(self, app: ASGIApp, *, providers: Mapping[str, ProviderAdapter], router: Router) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        providers: Mapping[str, ProviderAdapter],
+        router: Router,
+        resources: Sequence[Resource] = (),
+        extras: Mapping[str, Any] | None = None,
+    ) -> None:
         self.app = app
         self.providers = dict(providers)
         self.router = router
-        self._started = False
+        self.resources = list(resources)
+        self.extras: dict[str, Any] = dict(extras or {})
+        self._stack: contextlib.AsyncExitStack | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -62,14 +100,31 @@ class Gateway:
         await self.app(scope, receive, send)
 
     async def startup(self) -> None:
-        """Open resources. Connection pools open lazily, so this is cheap and idempotent."""
-        self._started = True
+        """Open resources inside a task group owned by this lifespan. Idempotent."""
+        if self._stack is not None:
+            return
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)  # runs before the group exits
+            for resource in self.resources:
+                await resource.start(tg)
+                stack.push_async_callback(resource.aclose)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
 
     async def shutdown(self) -> None:
-        """Close every provider's connection pool."""
-        for adapter in self.providers.values():
-            await adapter.aclose()
-        self._started = False
+        """Close resources (flushing writers), stop background tasks, close provider pools."""
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            for adapter in self.providers.values():
+                await adapter.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -108,25 +163,58 @@ def compose(
     *,
     providers: Mapping[str, ProviderAdapter],
     router: Router,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    layers: Mapping[str, LayerFactory] | None = None,
+    resources: Sequence[Resource] = (),
     readiness: Sequence[ReadinessCheck] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     exclude: Collection[str] = (),
+    extras: Mapping[str, Any] | None = None,
 ) -> Gateway:
     """Compose the pipeline from ready-made parts (what :func:`build_gateway` calls).
 
-    ``exclude`` drops layers by name (see :data:`LAYERS`); ``errors`` and ``context``
-    cannot be dropped from a full gateway.
+    ``layers`` maps a layer name of :data:`LAYERS` to a factory; they are applied in
+    the fixed order whatever the mapping's order. ``exclude`` drops layers by name;
+    ``errors`` and ``context`` frame every gateway and cannot be dropped.
     """
-    unknown = set(exclude) - set(LAYERS)
+    layers = dict(layers or {})
+    unknown = (set(exclude) | set(layers)) - set(LAYERS)
     if unknown:
         raise ValueError(f"unknown layer(s) {sorted(unknown)}; layers are {', '.join(LAYERS)}")
-    if {"errors", "context"} & set(exclude):
-        raise ValueError("the 'errors' and 'context' layers are the gateway's frame and cannot be excluded")
+    if {"errors", "context"} & (set(exclude) | set(layers)):
+        raise ValueError("the 'errors' and 'context' layers are the gateway's frame: they cannot be excluded or replaced")
     inference: ASGIApp = DispatchApp(providers=providers, router=router)
     app: ASGIApp = GatewayEndpoints(inference=inference, router=router, readiness=readiness)
+    for name in reversed(LAYERS[2:]):
+        if name in layers and name not in exclude:
+            app = layers[name](app)
     app = ContextMiddleware(app, max_body_bytes=max_body_bytes)
     app = ErrorMiddleware(app)
-    return Gateway(app, providers=providers, router=router)
+    return Gateway(app, providers=providers, router=router, resources=resources, extras=extras)
+
+
+@dataclass
+class BuildParts:
+    """What layer builders share while :func:`build_gateway` assembles a recipe.
+
+    A builder reads ``config``, may use ``router``/``providers``/``stores``, and adds
+    what it needs opened at startup to ``resources`` and its health to ``readiness``.
+    ``extras`` ends up on :attr:`Gateway.extras` (admin endpoints and tests find
+    stores there).
+    """
+
+    config: GatewayConfig
+    router: Router
+    providers: dict[str, ProviderAdapter]
+    transport: TransportName = "auto"
+    resources: list[Resource] = field(default_factory=list)
+    readiness: list[ReadinessCheck] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+LayerBuilder = Callable[[BuildParts], "LayerFactory | None"]
+
+# name → builder, one per layer module (each module owns its recipe → layer mapping).
+_LAYER_BUILDERS: dict[str, LayerBuilder] = {}
 
 
 def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", exclude: Collection[str] = ()) -> Gateway:
@@ -164,11 +252,23 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
             for t in m.targets
         )
         routes.append(ModelRoute(name=name, targets=targets, strategy=m.strategy))
+    parts = BuildParts(config=config, router=Router(routes), providers=providers, transport=transport)
+    layers: dict[str, LayerFactory] = {}
+    for name, builder in _LAYER_BUILDERS.items():
+        if name in exclude:
+            continue
+        factory = builder(parts)
+        if factory is not None:
+            layers[name] = factory
     return compose(
         providers=providers,
-        router=Router(routes),
+        router=parts.router,
+        layers=layers,
+        resources=parts.resources,
+        readiness=parts.readiness,
         max_body_bytes=config.server.max_body_bytes,
         exclude=exclude,
+        extras=parts.extras,
     )
 
 

@@ -98,3 +98,29 @@ def client(gateway_url: str, upstream_a: FakeUpstreamHandle, upstream_b: FakeUps
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh real PostgreSQL database for this test session."""
+    from tests.services import postgres_database
+
+    yield from postgres_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each SQL contract test runs on SQLite (a temp file) and on real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    # Each test gets a clean schema: drop everything the previous test created.
+    import sqlalchemy as sa
+
+    from asgi_llm.stores.sql import normalize_sql_url
+
+    engine = sa.create_engine(normalize_sql_url(url))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return url
