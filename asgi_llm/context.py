@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANONYMOUS",
     "SCOPE_KEY",
+    "Attempt",
     "Endpoint",
     "Principal",
     "RequestContext",
@@ -33,7 +34,7 @@ __all__ = [
 
 SCOPE_KEY = "asgi_llm"
 
-Endpoint = Literal["chat", "completions", "embeddings", "models", "health", "other"]
+Endpoint = Literal["chat", "completions", "embeddings", "models", "health", "admin", "nodes", "other"]
 
 
 def new_request_id() -> str:
@@ -103,6 +104,30 @@ def _int(v: Any) -> int:
 
 
 @dataclass(slots=True)
+class Attempt:
+    """One attempt against one target, as the ledger records it.
+
+    ``outcome``: ``ok`` (complete answer), ``error`` (failed before or during the
+    answer), ``aborted`` (the client went away). ``usage`` is what the upstream
+    reported, or what was counted of a cut stream (``usage.estimated``).
+    """
+
+    number: int
+    route: str
+    provider: str
+    model: str
+    started_at: float
+    status: int = 0
+    outcome: str = "error"
+    error_code: str | None = None
+    usage: Usage | None = None
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    response_model: str | None = None
+    content_chunks: int = 0
+
+
+@dataclass(slots=True)
 class RequestContext:
     """Everything the pipeline knows about one request.
 
@@ -130,6 +155,7 @@ class RequestContext:
     plan: list[Target] = field(default_factory=list)
     target: Target | None = None
     attempts: int = 0
+    attempt_log: list[Attempt] = field(default_factory=list)
     usage: Usage | None = None
     cost: Any = None
     cache_status: str = "BYPASS"

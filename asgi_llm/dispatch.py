@@ -26,8 +26,8 @@ from starlette.types import Receive, Scope, Send
 
 from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected
 from asgi_llm._sse import DONE, encode_json
-from asgi_llm.context import RequestContext, Usage, gateway_headers
-from asgi_llm.errors import ServiceUnavailableError
+from asgi_llm.context import Attempt, RequestContext, Usage, gateway_headers
+from asgi_llm.errors import GatewayError, ServiceUnavailableError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.providers.base import ProviderAdapter, UpstreamReply
 from asgi_llm.routing.router import Router
@@ -58,34 +58,55 @@ class DispatchApp:
         if adapter is None:
             raise ServiceUnavailableError(f"No adapter is configured for provider '{target.provider}'.")
         ctx.attempts += 1
-        t0 = time.perf_counter()
+        attempt = Attempt(
+            number=ctx.attempts, route=target.route, provider=target.provider, model=target.model,
+            started_at=time.perf_counter(),
+        )
+        ctx.attempt_log.append(attempt)
         try:
-            reply = await adapter.send(ctx, target)
+            t0 = time.perf_counter()
+            try:
+                reply = await adapter.send(ctx, target)
+            finally:
+                ctx.upstream_seconds += time.perf_counter() - t0
+            try:
+                if ctx.stream:
+                    await _relay_stream(ctx, reply, attempt, receive, send)
+                else:
+                    await _relay_body(ctx, reply, attempt, send)
+            finally:
+                await reply.aclose()
+            attempt.status, attempt.outcome = 200, "ok"
+        except ClientDisconnected:
+            attempt.status, attempt.outcome, attempt.error_code = 499, "aborted", "client_disconnected"
+            raise
+        except GatewayError as exc:
+            attempt.status, attempt.error_code = exc.status_code, exc.code
+            raise
+        except BaseException:
+            # Cancelled from outside (server shutdown, request timeout) or a bug.
+            attempt.outcome, attempt.error_code = "aborted", attempt.error_code or "cancelled"
+            raise
         finally:
-            ctx.upstream_seconds += time.perf_counter() - t0
-        try:
-            if ctx.stream:
-                await _relay_stream(ctx, reply, receive, send)
-            else:
-                await _relay_body(ctx, reply, send)
-        finally:
-            await reply.aclose()
+            attempt.latency_s = time.perf_counter() - attempt.started_at
 
 
-async def _relay_body(ctx: RequestContext, reply: UpstreamReply, send: Send) -> None:
+async def _relay_body(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
     t0 = time.perf_counter()
     try:
         raw, obj = await reply.body()
     finally:
         ctx.upstream_seconds += time.perf_counter() - t0
-    ctx.usage = Usage.from_openai(obj.get("usage"))
+    ctx.usage = attempt.usage = Usage.from_openai(obj.get("usage"))
+    model = obj.get("model")
+    attempt.response_model = model if isinstance(model, str) else None
     ctx.timings["upstream_total"] = time.perf_counter() - reply.sent_at
     headers = [*JSON_HEADERS, *gateway_headers(ctx), (b"content-length", str(len(raw)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
 
 
-async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, receive: Receive, send: Send) -> None:
+async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send) -> None:
     """Relay chunks while watching for the client going away."""
     failure: BaseException | None = None
     disconnected = False
@@ -102,7 +123,7 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, receive: Rece
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_disconnect, tg.cancel_scope)
         try:
-            await _pump(ctx, reply, send)
+            await _pump(ctx, reply, attempt, send)
         except Exception as exc:  # re-raised below, outside the task group
             failure = exc
         tg.cancel_scope.cancel()
@@ -113,15 +134,21 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, receive: Rece
         raise failure
 
 
-async def _pump(ctx: RequestContext, reply: UpstreamReply, send: Send) -> None:
+async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
     started = False
     include_usage = ctx.include_usage
     wait_from = time.perf_counter()
     async with contextlib.aclosing(reply.chunks()) as chunks:
         async for raw, obj in chunks:
+            if attempt.response_model is None and isinstance(obj.get("model"), str):
+                attempt.response_model = obj["model"]
+            if reply.first_content_at is not None and attempt.ttft_s is None:
+                attempt.ttft_s = reply.first_content_at - reply.sent_at
+            if obj.get("choices"):
+                attempt.content_chunks += 1
             usage = obj.get("usage")
             if usage:
-                ctx.usage = Usage.from_openai(usage)
+                ctx.usage = attempt.usage = Usage.from_openai(usage)
                 if not include_usage:
                     if not obj.get("choices"):
                         continue  # the usage-only chunk the client did not ask for

@@ -27,10 +27,18 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 class GatewayEndpoints:
     """Route a request that passed the middlewares to the right handler."""
 
-    def __init__(self, *, inference: ASGIApp, router: Router, readiness: Sequence[ReadinessCheck] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        inference: ASGIApp,
+        router: Router,
+        readiness: Sequence[ReadinessCheck] = (),
+        admin: ASGIApp | None = None,
+    ) -> None:
         self.inference = inference
         self.router = router
         self.readiness = list(readiness)
+        self.admin = admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx, receive = await ensure_context(scope, receive)
@@ -40,6 +48,8 @@ class GatewayEndpoints:
             await self._models(scope, send, ctx.path)
         elif ctx.endpoint == "health":
             await self._health(send, ctx.path, gateway_headers(ctx))
+        elif ctx.endpoint in ("admin", "nodes") and self.admin is not None:
+            await self.admin(scope, receive, send)
         else:
             raise NotFoundError(
                 f"No such endpoint: {scope['method']} {ctx.path}. The gateway serves "

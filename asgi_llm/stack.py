@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from asgi_llm.admin import AdminApp
 from asgi_llm.dispatch import DispatchApp
 from asgi_llm.endpoints import GatewayEndpoints, ReadinessCheck
 from asgi_llm.middleware.context import DEFAULT_MAX_BODY_BYTES, ContextMiddleware
@@ -169,6 +171,8 @@ def compose(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     exclude: Collection[str] = (),
     extras: Mapping[str, Any] | None = None,
+    admin_routes: Sequence[BaseRoute] = (),
+    node_routes: Sequence[BaseRoute] = (),
 ) -> Gateway:
     """Compose the pipeline from ready-made parts (what :func:`build_gateway` calls).
 
@@ -183,7 +187,8 @@ def compose(
     if {"errors", "context"} & (set(exclude) | set(layers)):
         raise ValueError("the 'errors' and 'context' layers are the gateway's frame: they cannot be excluded or replaced")
     inference: ASGIApp = DispatchApp(providers=providers, router=router)
-    app: ASGIApp = GatewayEndpoints(inference=inference, router=router, readiness=readiness)
+    admin = AdminApp(admin_routes=admin_routes, node_routes=node_routes)
+    app: ASGIApp = GatewayEndpoints(inference=inference, router=router, readiness=readiness, admin=admin)
     for name in reversed(LAYERS[2:]):
         if name in layers and name not in exclude:
             app = layers[name](app)
@@ -209,6 +214,8 @@ class BuildParts:
     resources: list[Resource] = field(default_factory=list)
     readiness: list[ReadinessCheck] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    admin_routes: list[BaseRoute] = field(default_factory=list)
+    node_routes: list[BaseRoute] = field(default_factory=list)
 
 
 LayerBuilder = Callable[[BuildParts], "LayerFactory | None"]
@@ -269,6 +276,8 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
         max_body_bytes=config.server.max_body_bytes,
         exclude=exclude,
         extras=parts.extras,
+        admin_routes=parts.admin_routes,
+        node_routes=parts.node_routes,
     )
 
 

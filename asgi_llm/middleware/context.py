@@ -48,6 +48,10 @@ def classify(path: str) -> tuple[Endpoint, str | None]:
         return route
     if path.startswith(("/v1/models/", "/models/")):
         return "models", "GET"
+    if path.startswith("/admin/"):
+        return "admin", None
+    if path.startswith("/nodes/"):
+        return "nodes", None
     return "other", None
 
 
