@@ -125,6 +125,7 @@ class Attempt:
     ttft_s: float | None = None
     response_model: str | None = None
     content_chunks: int = 0
+    key_id: str = ""
 
 
 @dataclass(slots=True)

@@ -27,9 +27,10 @@ from starlette.types import Receive, Scope, Send
 from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected
 from asgi_llm._sse import DONE, encode_json
 from asgi_llm.context import Attempt, RequestContext, Usage, gateway_headers
-from asgi_llm.errors import GatewayError, ServiceUnavailableError
+from asgi_llm.errors import GatewayError, ServiceUnavailableError, UpstreamError, UpstreamStatusError
 from asgi_llm.middleware.context import ensure_context
-from asgi_llm.providers.base import ProviderAdapter, UpstreamReply
+from asgi_llm.providers.base import ProviderAdapter, UpstreamReply, retry_after_seconds
+from asgi_llm.routing.health import HealthTracker
 from asgi_llm.routing.router import Router
 
 __all__ = ["DispatchApp"]
@@ -43,9 +44,10 @@ class DispatchApp:
         router: used only when no outer layer has chosen ``ctx.target`` (standalone use).
     """
 
-    def __init__(self, *, providers: Mapping[str, ProviderAdapter], router: Router) -> None:
+    def __init__(self, *, providers: Mapping[str, ProviderAdapter], router: Router, health: HealthTracker | None = None) -> None:
         self.providers = providers
         self.router = router
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx, receive = await ensure_context(scope, receive)
@@ -57,16 +59,21 @@ class DispatchApp:
         adapter = self.providers.get(target.provider)
         if adapter is None:
             raise ServiceUnavailableError(f"No adapter is configured for provider '{target.provider}'.")
+        route = target.route
+        key_id, api_key = adapter.keys.pick(route)  # raises a 503 naming the provider if none is usable
         ctx.attempts += 1
         attempt = Attempt(
-            number=ctx.attempts, route=target.route, provider=target.provider, model=target.model,
-            started_at=time.perf_counter(),
+            number=ctx.attempts, route=route, provider=target.provider, model=target.model,
+            started_at=time.perf_counter(), key_id=key_id,
         )
         ctx.attempt_log.append(attempt)
+        health = self.health
+        if health is not None:
+            health.begin(route, key_id)
         try:
             t0 = time.perf_counter()
             try:
-                reply = await adapter.send(ctx, target)
+                reply = await adapter.send(ctx, target, api_key=api_key)
             finally:
                 ctx.upstream_seconds += time.perf_counter() - t0
             try:
@@ -77,11 +84,15 @@ class DispatchApp:
             finally:
                 await reply.aclose()
             attempt.status, attempt.outcome = 200, "ok"
+            if health is not None:
+                health.success(route, key_id, latency_s=attempt.ttft_s if ctx.stream else time.perf_counter() - attempt.started_at)
         except ClientDisconnected:
             attempt.status, attempt.outcome, attempt.error_code = 499, "aborted", "client_disconnected"
             raise
         except GatewayError as exc:
             attempt.status, attempt.error_code = exc.status_code, exc.code
+            if health is not None and isinstance(exc, UpstreamError):
+                _record_failure(health, route, key_id, exc)
             raise
         except BaseException:
             # Cancelled from outside (server shutdown, request timeout) or a bug.
@@ -89,6 +100,24 @@ class DispatchApp:
             raise
         finally:
             attempt.latency_s = time.perf_counter() - attempt.started_at
+            if health is not None:
+                health.end(route, key_id)
+
+
+def _record_failure(health: HealthTracker, route: str, key_id: str, exc: UpstreamError) -> None:
+    """Teach health what this failure says about the (route, key)."""
+    if isinstance(exc, UpstreamStatusError):
+        status = exc.upstream_status
+        if status == 429:
+            wait = retry_after_seconds(exc.headers)
+            health.cool_down(route, key_id, wait if wait is not None else 5.0, error="429 rate limited")
+        elif status in (401, 403):
+            health.cool_down(route, key_id, 300.0, error=f"{status}: upstream refused the key")
+        elif status >= 500 or status == 408:
+            health.failure(route, key_id, error=f"HTTP {status}")
+        # other 4xx are about the request, not the target's health
+        return
+    health.failure(route, key_id, error=exc.code or type(exc).__name__)
 
 
 async def _relay_body(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
@@ -135,15 +164,18 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
 
 
 async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
-    started = False
+    """Relay chunks. Chunks before the first content (the role chunk, usually) are held
+    and the response start is sent with the first content: that is the stream's commit
+    point. Until then nothing has reached the client, so a failure can still move to
+    another target as if this attempt never happened."""
+    held: list[bytes] = []
+    committed = False
     include_usage = ctx.include_usage
     wait_from = time.perf_counter()
     async with contextlib.aclosing(reply.chunks()) as chunks:
         async for raw, obj in chunks:
             if attempt.response_model is None and isinstance(obj.get("model"), str):
                 attempt.response_model = obj["model"]
-            if reply.first_content_at is not None and attempt.ttft_s is None:
-                attempt.ttft_s = reply.first_content_at - reply.sent_at
             if obj.get("choices"):
                 attempt.content_chunks += 1
             usage = obj.get("usage")
@@ -153,19 +185,25 @@ async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, sen
                     if not obj.get("choices"):
                         continue  # the usage-only chunk the client did not ask for
                     raw = encode_json({k: v for k, v in obj.items() if k != "usage"})
-            if not started:
-                # Time spent waiting for the upstream's first chunk is not gateway overhead.
-                ctx.upstream_seconds += time.perf_counter() - wait_from
-                if reply.first_content_at is not None:
-                    ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
-                headers = [*SSE_HEADERS, *gateway_headers(ctx)]
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                started = True
-            elif "ttft" not in ctx.timings and reply.first_content_at is not None:
-                ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
-            await send({"type": "http.response.body", "body": raw, "more_body": True})
-    if not started:
-        ctx.upstream_seconds += time.perf_counter() - wait_from
-        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *gateway_headers(ctx)]})
+            if committed:
+                await send({"type": "http.response.body", "body": raw, "more_body": True})
+                continue
+            held.append(raw)
+            if reply.first_content_at is not None:
+                await _commit(ctx, reply, attempt, send, held, wait_from)
+                committed = True
+                held = []
+    if not committed:  # a stream with no content at all (still complete: [DONE] arrived)
+        await _commit(ctx, reply, attempt, send, held, wait_from)
     ctx.timings["upstream_total"] = time.perf_counter() - reply.sent_at
     await send({"type": "http.response.body", "body": DONE, "more_body": False})
+
+
+async def _commit(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send, held: list[bytes], wait_from: float) -> None:
+    # Time spent waiting for the upstream's first content is not gateway overhead.
+    ctx.upstream_seconds += time.perf_counter() - wait_from
+    if reply.first_content_at is not None:
+        attempt.ttft_s = ctx.timings["ttft"] = reply.first_content_at - reply.sent_at
+    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *gateway_headers(ctx)]})
+    for raw in held:  # one event per message, as it came
+        await send({"type": "http.response.body", "body": raw, "more_body": True})

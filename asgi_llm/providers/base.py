@@ -28,6 +28,7 @@ from asgi_llm.errors import (
 
 if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
+    from asgi_llm.providers.keys import KeyPool
     from asgi_llm.providers.transport import UpstreamResponse
     from asgi_llm.routing.router import Target
 
@@ -38,6 +39,7 @@ __all__ = [
     "UpstreamReply",
     "chunk_has_content",
     "raise_for_upstream_status",
+    "retry_after_seconds",
 ]
 
 Chunk = tuple[bytes, dict[str, Any]]
@@ -63,16 +65,20 @@ class Timeouts:
 class ProviderAdapter(Protocol):
     """Makes one attempt against a target of this provider.
 
+    ``keys`` is the provider's upstream key pool; the caller picks a key and passes it.
+
     Example:
-        >>> reply = await adapter.send(ctx, target)
+        >>> key_id, api_key = adapter.keys.pick(target.route)
+        >>> reply = await adapter.send(ctx, target, api_key=api_key)
         >>> raw, obj = await reply.body()          # non-streaming
         >>> async for raw, obj in reply.chunks():  # streaming
         ...     ...
     """
 
     name: str
+    keys: KeyPool
 
-    async def send(self, ctx: RequestContext, target: Target) -> UpstreamReply:
+    async def send(self, ctx: RequestContext, target: Target, *, api_key: str | None = None) -> UpstreamReply:
         """Send ``ctx``'s request to ``target``; return once the upstream accepted it.
 
         Raises :class:`UpstreamError` (with ``retryable`` set) for connection failures,
@@ -286,3 +292,32 @@ async def raise_for_upstream_status(response: UpstreamResponse, target: str) -> 
         raise _error_from_body(obj, response.status, target, response.headers)
     finally:
         await response.aclose()
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds an upstream asked us to wait: ``retry-after-ms``, or ``Retry-After`` as
+    seconds or an HTTP date. ``None`` when absent or unreadable."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    import datetime as _dt
+
+    return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())

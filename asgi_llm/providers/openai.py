@@ -10,7 +10,6 @@ round-robin over the provider's pool.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -18,21 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from asgi_llm.errors import UpstreamTimeoutError
+from asgi_llm.errors import UpstreamError, UpstreamTimeoutError
 from asgi_llm.providers.base import Timeouts, UpstreamReply, raise_for_upstream_status
+from asgi_llm.providers.keys import KeyPool
 from asgi_llm.providers.transport import UpstreamTransport, make_transport
 
 if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
+    from asgi_llm.routing.health import HealthTracker
     from asgi_llm.routing.router import Target
 
 __all__ = ["GATEWAY_ONLY_FIELDS", "OpenAIAdapter"]
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
-GATEWAY_ONLY_FIELDS: frozenset[str] = frozenset()
-"""Request fields meant for the gateway itself, never forwarded (routing/cache dialects
-add theirs here as they land)."""
+GATEWAY_ONLY_FIELDS: frozenset[str] = frozenset({"provider", "models", "fallbacks"})
+"""Request fields meant for the gateway itself (routing overrides in the OpenRouter and
+LiteLLM dialects), never forwarded upstream."""
 
 _USER_AGENT = "asgi-llm/0.1"
 
@@ -59,13 +60,14 @@ class OpenAIAdapter:
         headers: Mapping[str, str] | None = None,
         transport: UpstreamTransport | None = None,
         max_connections: int = 256,
+        health: HealthTracker | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
         self.transport = transport or make_transport(max_connections=max_connections, connect_timeout=self.timeouts.connect)
         self._static_headers = {"content-type": "application/json", "user-agent": _USER_AGENT, **(headers or {})}
-        self._keys = itertools.cycle(list(api_keys)) if api_keys else None
+        self.keys = KeyPool(name, api_keys, health=health)
 
     def build_body(self, ctx: RequestContext, target: Target) -> bytes:
         """The JSON body sent upstream for this attempt."""
@@ -77,19 +79,19 @@ class OpenAIAdapter:
             body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def build_headers(self, ctx: RequestContext) -> dict[str, str]:
+    def build_headers(self, ctx: RequestContext, api_key: str | None) -> dict[str, str]:
         headers = dict(self._static_headers)
         headers["x-request-id"] = ctx.request_id
-        if self._keys is not None:
-            headers["authorization"] = "Bearer " + next(self._keys)
+        if api_key is not None:
+            headers["authorization"] = "Bearer " + api_key
         if ctx.stream:
             headers["accept"] = "text/event-stream"
         return headers
 
-    async def send(self, ctx: RequestContext, target: Target) -> UpstreamReply:
+    async def send(self, ctx: RequestContext, target: Target, *, api_key: str | None = None) -> UpstreamReply:
         url = self.base_url + _PATHS[ctx.endpoint]
         body = self.build_body(ctx, target)
-        headers = self.build_headers(ctx)
+        headers = self.build_headers(ctx, api_key)
         route = target.route
         # Streams wait for headers within the first-token limit; others within the attempt.
         limit = self.timeouts.ttft if ctx.stream else self.timeouts.attempt
@@ -103,6 +105,24 @@ class OpenAIAdapter:
         if not 200 <= response.status < 300:
             await raise_for_upstream_status(response, route)
         return UpstreamReply(response, target=route, timeouts=self.timeouts, sent_at=sent_at)
+
+    async def probe(self) -> bool:
+        """Free health probe: ``GET /models`` answers 200 within the connect+attempt limits."""
+        key_id, api_key = "", None
+        if len(self.keys):
+            api_key = self.keys._keys[0]  # any key proves reachability; listing models is free
+        headers = {"user-agent": _USER_AGENT}
+        if api_key:
+            headers["authorization"] = "Bearer " + api_key
+        try:
+            with anyio.fail_after(min(self.timeouts.attempt, 10.0)):
+                response = await self.transport.send("GET", self.base_url + "/models", headers=headers, body=None)
+                try:
+                    return 200 <= response.status < 300
+                finally:
+                    await response.aclose()
+        except (TimeoutError, UpstreamError):
+            return False
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -1,0 +1,72 @@
+"""``POST /admin/explain``: the plan a request would get, and why — without calling anyone.
+
+Body: the request exactly as a client would send it to ``/v1/chat/completions`` (or
+``{"endpoint": "embeddings", "request": {...}}``). Query ``org=`` / ``key=`` explain it
+as that caller would see it (rules match on them). Answer: the strategy, the matching
+rule, the ordered plan, every skipped target with its reason, and per target its
+health, price, estimated cost, latency EWMA and in-flight count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_llm.context import RequestContext, new_request_id
+from asgi_llm.errors import GatewayError, InvalidRequestError
+from asgi_llm.routing.router import Router, estimate_tokens, estimated_cost
+from asgi_llm.schemas import validate_payload
+
+__all__ = ["explain_route"]
+
+
+def explain_route(router: Router) -> Route:
+    """The admin route, bound to the gateway's router."""
+
+    async def explain(request: Request) -> JSONResponse:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            raise InvalidRequestError("The body must be the JSON request to explain.", code="invalid_json") from None
+        endpoint = "chat"
+        if isinstance(body, dict) and "request" in body:
+            endpoint = body.get("endpoint", "chat")
+            if endpoint not in ("chat", "completions", "embeddings"):
+                raise InvalidRequestError("'endpoint' must be chat, completions or embeddings.", param="endpoint")
+            body = body["request"]
+        validate_payload(endpoint, body)
+        caller = request.scope["asgi_llm"].principal
+        org = request.query_params.get("org")
+        key = request.query_params.get("key")
+        principal = replace(caller, org=org or caller.org, key_id=key or caller.key_id, models=None)
+        ctx = RequestContext(request_id=new_request_id(), endpoint=endpoint, method="POST",
+                             path="/v1/chat/completions", body=json.dumps(body).encode(), payload=body,
+                             model=body["model"], stream=body.get("stream") is True, principal=principal)
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        try:
+            plan = router.make_plan(ctx, headers)
+        except GatewayError as exc:
+            return JSONResponse({"plan": [], "error": exc.to_dict()["error"]}, status_code=200)
+        prompt, completion = estimate_tokens(ctx)
+        details = []
+        for t in plan.targets:
+            cost = estimated_cost(t, prompt, completion)
+            info = {"route": t.route, "provider": t.provider, "model": t.model,
+                    "price_per_1m": {"input": str(t.price.input), "output": str(t.price.output)} if t.price else None,
+                    "estimated_cost_usd": str(cost) if cost is not None else None,
+                    "context_window": t.context_window}
+            if router.health is not None:
+                keys = router.key_ids.get(t.provider, [])
+                info |= {"health": router.health.route_state(t.route, keys),
+                         "latency_ewma_s": router.health.latency(t.route),
+                         "in_flight": router.health.in_flight(t.route)}
+            details.append(info)
+        return JSONResponse({**plan.to_dict(), "targets": details,
+                             "estimate": {"prompt_tokens": prompt, "completion_tokens": completion}})
+
+    return Route("/admin/explain", explain, methods=["POST"])

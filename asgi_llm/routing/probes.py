@@ -1,0 +1,60 @@
+"""Free active health probes: ``GET /models`` on providers with an open breaker.
+
+A probe never sends a billed completion. An answer of 200 moves that route's open
+breakers to half-open, so the next live request tries the target again (and a success
+closes the breaker: traffic returns to the preferred target). Runs in the gateway's task
+group; it never raises out of its loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import anyio
+from anyio.abc import TaskGroup
+
+from asgi_llm.providers.base import ProviderAdapter
+from asgi_llm.routing.health import HealthTracker
+
+__all__ = ["HealthProber"]
+
+logger = logging.getLogger("asgi_llm.health")
+
+
+class HealthProber:
+    """Probe providers whose routes have an open breaker, every ``interval_s`` seconds."""
+
+    def __init__(self, providers: Mapping[str, ProviderAdapter], health: HealthTracker, *, interval_s: float = 10.0) -> None:
+        self.providers = providers
+        self.health = health
+        self.interval_s = interval_s
+
+    async def start(self, task_group: TaskGroup) -> None:
+        task_group.start_soon(self._loop)
+
+    async def aclose(self) -> None:
+        return None  # the loop ends with the task group
+
+    async def _loop(self) -> None:
+        while True:
+            await anyio.sleep(self.interval_s)
+            try:
+                await self.probe_once()
+            except Exception:  # noqa: BLE001 - a probe must never take the gateway down
+                logger.exception("health probe round failed")
+
+    async def probe_once(self) -> dict[str, bool]:
+        """Probe every provider with an open route; return provider → reachable."""
+        open_routes = self.health.open_routes()
+        results: dict[str, bool] = {}
+        for name, adapter in self.providers.items():
+            routes = [r for r in open_routes if r.startswith(name + "/")]
+            if not routes:
+                continue
+            probe = getattr(adapter, "probe", None)
+            ok = bool(await probe()) if probe is not None else False
+            results[name] = ok
+            for route in routes:
+                self.health.probe_result(route, ok)
+        return results
