@@ -1,0 +1,1 @@
+"""asgi-llm benchmarks: `python -m benchmarks run | layers | streaming | memory | growth` (see README.md)."""

@@ -1,0 +1,245 @@
+"""Start the processes a benchmark row needs: the mock upstream, the passthrough
+floor, the gateway variants and (optionally) LiteLLM — each pinned with ``taskset``.
+
+Pinning on a 2-core machine: every server under test runs alone on core
+:data:`SERVER_CPU`; the mock upstream and the load generator share core
+:data:`LOAD_CPU`. The "direct" row measures the mock's ceiling under exactly that
+pinning, so a reader can see whether the mock (rather than the row) saturates first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asgi_llm.testing.processes import free_port, managed_process
+
+__all__ = [
+    "LOAD_CPU",
+    "ROWS",
+    "SERVER_CPU",
+    "Row",
+    "RowServer",
+    "client_key",
+    "find_litellm",
+    "full_recipe",
+    "mock_upstream",
+    "pin",
+    "start_row",
+]
+
+SERVER_CPU = 0
+LOAD_CPU = 1 if (os.cpu_count() or 1) > 1 else 0
+REPO = Path(__file__).resolve().parent.parent
+CLIENT_KEY = "sk-bench-" + "5f0c2a9e7b1d4c3a8e6f9b2d1c7a4e3f" * 2
+"""Sent by every load generator; declared in the full recipe and as LiteLLM's master key."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table."""
+
+    name: str
+    title: str
+    what: str
+
+
+ROWS: dict[str, Row] = {r.name: r for r in [
+    Row("direct", "direct → mock", "wrk straight to the mock upstream: the mock's own ceiling (mock + wrk share one core)"),
+    Row("passthrough", "bare ASGI passthrough", "uvicorn + uvloop + httptools + aiohttp, no framework: the Python floor"),
+    Row("dispatch", "asgi-llm dispatch only", "build_gateway(recipe, exclude=every optional layer)"),
+    Row("full", "asgi-llm full pipeline", "build_gateway(recipe) via `asgi-llm serve`: every layer the build has, memory/SQLite stores"),
+    Row("full-shared", "asgi-llm full, Redis + PostgreSQL", "the full pipeline with shared stores"),
+    Row("litellm", "LiteLLM proxy", "litellm --num_workers 1, production settings, same mock (optional)"),
+]}
+
+
+def client_key() -> str:
+    """The bearer key every load generator sends (the full row's recipe declares it)."""
+    return CLIENT_KEY
+
+
+def pin(cpu: int, args: Sequence[str]) -> list[str]:
+    """Prefix ``taskset -c cpu`` when taskset exists (otherwise run unpinned)."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > cpu:
+        return ["taskset", "-c", str(cpu), *args]
+    return list(args)
+
+
+@dataclass
+class RowServer:
+    """A started row: where to send load, which process to watch, what it contains."""
+
+    row: str
+    url: str
+    pid: int | None = None
+    layers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def mock_upstream(*, faults: Sequence[dict[str, Any]] = (), cpu: int = LOAD_CPU) -> Iterator[str]:
+    """The fast fake OpenAI upstream, pinned; yields its root URL."""
+    port = free_port()
+    args = [sys.executable, "-m", "asgi_llm.testing.fake_upstream", "--host", "127.0.0.1", "--port", str(port),
+            "--name", "mock", "--models", "chat", "--exit-with-parent"]
+    for fault in faults:
+        args += ["--fault", json.dumps(fault)]
+    with managed_process(pin(cpu, args), ready_url=f"http://127.0.0.1:{port}/health", name="bench-mock"):
+        yield f"http://127.0.0.1:{port}"
+
+
+def _base_recipe(mock: str, *, targets: int = 2, models: int = 1) -> dict[str, Any]:
+    providers = {"mock": {"base_url": f"{mock}/v1", "api_keys": ["sk-upstream"]},
+                 "mock-b": {"base_url": f"{mock}/v1", "api_keys": ["sk-upstream"]}}
+    names = ["chat"] + [f"chat-{i}" for i in range(1, models)]
+    price = {"input": 0.15, "output": 0.60}
+    model_cfg: dict[str, Any] = {}
+    for name in names:
+        tlist = [{"provider": "mock" if i % 2 == 0 else "mock-b", "model": "chat", "price": price} for i in range(targets)]
+        model_cfg[name] = {"strategy": "priority", "targets": tlist}
+    return {"providers": providers, "models": model_cfg}
+
+
+def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, keys: int = 1) -> tuple[dict[str, Any], list[str]]:
+    """The "full pipeline" recipe: auth + limits + cache + failover (2 targets) + stores.
+
+    Sections this build refuses (it raises ``ConfigError`` for settings it cannot
+    enforce yet) are dropped one by one and reported, so the row picks up each layer
+    as soon as the build accepts its settings — and never claims a layer it lacks.
+    """
+    from asgi_llm.config import ConfigError, config_from_dict
+    from asgi_llm.stack import build_gateway
+
+    recipe = _base_recipe(mock, targets=targets, models=models)
+    big = 10**9
+    recipe["stores"] = {"state": "memory://", "cache": "memory://", "ledger": f"sqlite:///{workdir / 'ledger.db'}"}
+    recipe["auth"] = {"keys": [{"key": CLIENT_KEY if i == 0 else f"{CLIENT_KEY}-{i}", "org": f"org-{i % 10}",
+                                "limits": {"rpm": big, "tpm": big}} for i in range(keys)]}
+    recipe["limits"] = {"org": {"rpm": big, "tpm": big}}
+    recipe["cache"] = {"enabled": True, "ttl_s": 300}
+    dropped: list[str] = []
+    for _ in range(10):
+        try:
+            build_gateway(config_from_dict(recipe, environ={}))
+            break
+        except ConfigError as exc:
+            sections = {path.split(".")[0].split("[")[0] for path, _ in exc.problems}
+            removable = sections & {"auth", "limits", "cache", "stores"}
+            if not removable:
+                raise
+            for s in sorted(removable):
+                recipe.pop(s)
+                dropped.append(f"{s} (build refuses: {next(m for p, m in exc.problems if p.startswith(s))})")
+    return recipe, dropped
+
+
+def write_recipe(recipe: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _gateway_layers(recipe: dict[str, Any], *, dispatch_only: bool) -> list[str]:
+    from asgi_llm.config import config_from_dict
+    from asgi_llm.stack import build_gateway
+
+    from benchmarks.apps import OPTIONAL_LAYERS, layer_names
+
+    exclude = OPTIONAL_LAYERS if dispatch_only else ()
+    return layer_names(build_gateway(config_from_dict(recipe, environ={}), exclude=exclude))
+
+
+def find_litellm(explicit: str | None = None) -> str | None:
+    """``--litellm PATH`` or ``$LITELLM_BIN``; else ``/tmp/litellm-venv/bin/litellm`` if it exists."""
+    for candidate in (explicit, os.environ.get("LITELLM_BIN"), "/tmp/litellm-venv/bin/litellm"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def litellm_config(mock: str) -> dict[str, Any]:
+    """LiteLLM's documented production settings, no database, in front of the same mock."""
+    return {
+        "model_list": [{"model_name": "chat",
+                        "litellm_params": {"model": "openai/chat", "api_base": f"{mock}/v1", "api_key": "sk-upstream"}}],
+        "litellm_settings": {"set_verbose": False, "json_logs": True, "request_timeout": 60,
+                             "turn_off_message_logging": True},
+        "general_settings": {"master_key": CLIENT_KEY, "disable_spend_logs": True, "disable_error_logs": True},
+    }
+
+
+class Skip(Exception):
+    """A row that cannot run here; the message says why."""
+
+
+@contextlib.contextmanager
+def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
+              recipe_kwargs: dict[str, Any] | None = None) -> Iterator[RowServer]:
+    """Start the server for ``row`` (pinned to :data:`SERVER_CPU`) and yield it."""
+    if row == "direct":
+        yield RowServer(row, mock, layers=["(none: the mock itself)"])
+        return
+    if row == "full-shared":
+        raise Skip("not available yet (no shared stores in this build)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
+               "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    env: dict[str, str] = {}
+    ready = f"{url}/healthz"
+    server = RowServer(row, url)
+    if row == "passthrough":
+        args = [*uvicorn, "benchmarks.passthrough:app"]
+        env["BENCH_UPSTREAM"] = mock
+        server.layers = ["uvicorn + aiohttp relay"]
+    elif row in ("dispatch", "full"):
+        recipe, dropped = full_recipe(mock, workdir, **(recipe_kwargs or {}))
+        if row == "dispatch":
+            recipe = _base_recipe(mock, **{k: v for k, v in (recipe_kwargs or {}).items() if k in ("targets", "models")})
+        path = write_recipe(recipe, workdir / f"recipe-{row}-{port}.yaml")
+        server.layers = _gateway_layers(recipe, dispatch_only=row == "dispatch")
+        if row == "full":
+            server.notes += [f"dropped {d}" for d in dropped]
+            args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(path), "--port", str(port),
+                    "--log-level", "warning"]
+        else:
+            env["BENCH_RECIPE"] = str(path)
+            args = [*uvicorn, "--factory", "benchmarks.apps:dispatch_only", "--lifespan", "on"]
+    elif row == "litellm":
+        if litellm is None:
+            raise Skip("LiteLLM not installed (pip install 'litellm[proxy]' in its own venv; pass --litellm PATH or set LITELLM_BIN)")
+        cfg = workdir / f"litellm-{port}.yaml"
+        cfg.write_text(yaml.safe_dump(litellm_config(mock), sort_keys=False))
+        args = [litellm, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+        env.update({"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION", "DISABLE_ADMIN_UI": "True",
+                    "NO_DOCS": "True", "LITELLM_TELEMETRY": "False"})
+        ready = f"{url}/health/liveliness"
+        server.layers = ["litellm proxy (FastAPI)"]
+    else:
+        raise ValueError(f"unknown row {row!r}; rows are {', '.join(ROWS)}")
+    try:
+        cm = managed_process(pin(SERVER_CPU, args), ready_url=ready, env={**env, "PYTHONPATH": str(REPO)},
+                             timeout=180 if row == "litellm" else 30, name=f"bench-{row}")
+        mp = cm.__enter__()
+    except RuntimeError as exc:
+        if row != "litellm":
+            raise
+        tail = " ".join(str(exc).strip().splitlines()[-3:])[-300:]
+        raise Skip(f"LiteLLM did not start: {tail}") from None
+    try:
+        server.pid = mp.proc.pid
+        yield server
+    except BaseException as exc:
+        if not cm.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        cm.__exit__(None, None, None)

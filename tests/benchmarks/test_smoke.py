@@ -1,0 +1,49 @@
+"""Smoke run of the benchmark harness: it runs and it produces its tables.
+
+Never a timed assertion: numbers on a shared CI machine mean nothing; only the shape
+of the output is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = ["direct", "passthrough", "full"]
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.e2e
+class TestHarnessSmoke:
+    def test_run_produces_a_table_with_every_row(self, tmp_path: Path) -> None:
+        """`run --quick` writes Markdown + JSON with a numeric requests/s for each requested row."""
+        proc = _run("run", "--quick", "--duration", "1", "--warmup", "0", "--reps", "1", "--concurrency", "1",
+                    "--no-stream", "--rows", ",".join(ROWS), "--out", str(tmp_path))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        md = (tmp_path / "latest.md").read_text()
+        for row in ROWS:
+            assert re.search(rf"^\| {row} \| 1 \| \d+ \(", md, re.MULTILINE), f"no numeric row for {row}:\n{md}"
+        assert "layers present" in md and "commit" in md and "python -m benchmarks run" in md
+        data = json.loads((tmp_path / "latest.json").read_text())
+        assert {r["row"] for r in data["results"]} == set(ROWS)
+        assert all(r["errors"] == 0 for r in data["results"]), data["results"]
+
+    def test_layers_produces_its_table(self, tmp_path: Path) -> None:
+        """`layers --quick` reports one line per stack, innermost first, every response a 200."""
+        proc = _run("layers", "--quick", "--requests", "200", "--out", str(tmp_path))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        md = (tmp_path / "layers-latest.md").read_text()
+        assert "| floor (raw ASGI app) |" in md and "| dispatch | dispatch |" in md
+        data = json.loads((tmp_path / "layers-latest.json").read_text())
+        for rows in data["result"]["modes"].values():
+            assert all(r["status"] == 200 for r in rows), rows
