@@ -10,15 +10,16 @@ Everything that goes wrong is an :class:`~asgi_llm.errors.UpstreamError` whose
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio
 
-from asgi_llm._sse import SSEParser
+from asgi_llm._timeout import fail_after
+from asgi_llm._sse import SSEEvent, SSEParser
 from asgi_llm.errors import (
     UpstreamError,
     UpstreamProtocolError,
@@ -136,7 +137,7 @@ class UpstreamReply:
         """The whole JSON body (bytes to relay, parsed object), within the attempt timeout."""
         remaining = self.timeouts.attempt - (time.perf_counter() - self.sent_at)
         try:
-            with anyio.fail_after(max(remaining, 0.001)):
+            async with fail_after(max(remaining, 0.001)):
                 raw = await self.response.read()
         except TimeoutError:
             raise UpstreamTimeoutError(
@@ -154,24 +155,47 @@ class UpstreamReply:
         ends without ``[DONE]``, :class:`UpstreamTimeoutError` for a stall, and an
         :class:`UpstreamError` for an ``{"error": ...}`` event.
         """
+        async with contextlib.aclosing(self.events(lambda e: e.data == "[DONE]", "[DONE]")) as events:
+            async for event in events:
+                payload = event.data
+                if payload == "[DONE]":
+                    return
+                if event.event is not None and event.event not in ("message", "chunk"):
+                    if event.event == "error":
+                        raise _error_from_event(payload, self.target)
+                    continue
+                obj = _parse_json_object(payload.encode(), self.target, what="stream chunk")
+                if "error" in obj and not obj.get("choices"):
+                    raise _error_from_body(obj, 502, self.target, None)
+                if self.first_content_at is None and chunk_has_content(obj):
+                    self.first_content_at = time.perf_counter()
+                yield event.raw, obj
+
+    async def events(self, is_end: Callable[[SSEEvent], bool], end_name: str) -> AsyncIterator[SSEEvent]:
+        """Raw SSE events with the stream's time limits, up to and including the end event.
+
+        The limit on each wait is the idle limit, or — until the consumer has set
+        ``first_content_at`` — whatever is left of the time-to-first-token limit. After
+        the end event the body is drained so the connection can be reused. A body that
+        ends before the end event raises :class:`UpstreamProtocolError`.
+        """
         parser = SSEParser()
         iterator = self.response.iter_chunks().__aiter__()
         ttft_deadline = self.sent_at + self.timeouts.ttft
         try:
             while True:
-                now = time.perf_counter()
                 if self.first_content_at is None:
-                    wait = min(self.timeouts.idle, ttft_deadline - now)
+                    wait = min(self.timeouts.idle, ttft_deadline - time.perf_counter())
                 else:
                     wait = self.timeouts.idle
                 try:
-                    with anyio.fail_after(max(wait, 0.001)):
+                    async with fail_after(max(wait, 0.001)):
                         data = await iterator.__anext__()
                 except StopAsyncIteration:
                     if parser.pending.strip():
                         raise UpstreamProtocolError(f"{self.target} cut the stream mid-event.", target=self.target) from None
                     raise UpstreamProtocolError(
-                        f"{self.target} ended the stream without [DONE]; the answer may be incomplete.",
+                        f"{self.target} ended the stream without {end_name}; the answer may be incomplete.",
                         target=self.target,
                     ) from None
                 except TimeoutError:
@@ -184,20 +208,12 @@ class UpstreamReply:
                         f"{self.target} stalled: no data for {self.timeouts.idle:g} s mid-stream.", target=self.target
                     ) from None
                 for event in parser.feed(data):
-                    payload = event.data
-                    if payload == "[DONE]":
+                    if is_end(event):
+                        # Drain first: the consumer usually stops at the end event.
                         await _drain(iterator)
+                        yield event
                         return
-                    if event.event is not None and event.event not in ("message", "chunk"):
-                        if event.event == "error":
-                            raise _error_from_event(payload, self.target)
-                        continue
-                    obj = _parse_json_object(payload.encode(), self.target, what="stream chunk")
-                    if "error" in obj and not obj.get("choices"):
-                        raise _error_from_body(obj, 502, self.target, None)
-                    if self.first_content_at is None and chunk_has_content(obj):
-                        self.first_content_at = time.perf_counter()
-                    yield event.raw, obj
+                    yield event
         finally:
             await iterator.aclose()  # type: ignore[attr-defined]
 
@@ -209,7 +225,7 @@ async def _drain(iterator: AsyncIterator[bytes]) -> None:
     """Read to the end of the body after ``[DONE]`` (normally just the closing chunk),
     so the connection goes back to the pool instead of being dropped."""
     try:
-        with anyio.fail_after(1.0):
+        async with fail_after(1.0):
             async for _ in iterator:
                 pass
     except (TimeoutError, UpstreamError):
@@ -278,7 +294,7 @@ async def raise_for_upstream_status(response: UpstreamResponse, target: str) -> 
     """Raise the right :class:`UpstreamError` for a non-2xx response (and close it)."""
     try:
         try:
-            with anyio.fail_after(5):
+            async with fail_after(5):
                 raw = await response.read()
         except (TimeoutError, UpstreamError):
             raw = b""

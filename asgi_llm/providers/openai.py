@@ -15,8 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
 
+from asgi_llm._timeout import fail_after
 from asgi_llm.errors import UpstreamError, UpstreamTimeoutError
 from asgi_llm.providers.base import Timeouts, UpstreamReply, raise_for_upstream_status
 from asgi_llm.providers.keys import KeyPool
@@ -97,7 +97,7 @@ class OpenAIAdapter:
         limit = self.timeouts.ttft if ctx.stream else self.timeouts.attempt
         sent_at = time.perf_counter()
         try:
-            with anyio.fail_after(limit):
+            async with fail_after(limit):
                 response = await self.transport.send("POST", url, headers=headers, body=body)
         except TimeoutError:
             what = "time-to-first-token limit" if ctx.stream else "attempt timeout"
@@ -115,7 +115,7 @@ class OpenAIAdapter:
         if api_key:
             headers["authorization"] = "Bearer " + api_key
         try:
-            with anyio.fail_after(min(self.timeouts.attempt, 10.0)):
+            async with fail_after(min(self.timeouts.attempt, 10.0)):
                 response = await self.transport.send("GET", self.base_url + "/models", headers=headers, body=None)
                 try:
                     return 200 <= response.status < 300

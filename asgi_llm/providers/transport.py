@@ -10,7 +10,7 @@ Two implementations of one small Protocol:
 Each provider owns one transport, i.e. one connection pool. Foreign exceptions are
 mapped to ours at the seam (``raise UpstreamConnectionError(...) from exc``), so no
 aiohttp or httpx2 type escapes this module. Timeouts other than connect are applied by
-callers with ``anyio.fail_after``, which works the same on every loop and transport.
+callers with ``asgi_llm._timeout.fail_after``, which works the same on every loop and transport.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ class BreakerState:
     opened_times: int = 0
     half_open_in_flight: bool = False
     cooldown_until: float = 0.0  # key-level "not now" (Retry-After, 401/403)
+    cooldown_kind: str = "cooling"  # "cooling" (rate-limited) or "refused" (401/403)
     last_error: str | None = None
 
     def state(self, now: float) -> str:
@@ -97,10 +98,10 @@ class HealthTracker:
             if b is None:
                 states.append("closed")
             elif now < b.cooldown_until:
-                states.append("cooling")
+                states.append(b.cooldown_kind)
             else:
                 states.append(b.state(now))
-        for s in ("closed", "half_open", "cooling", "open"):
+        for s in ("closed", "half_open", "cooling", "refused", "open"):
             if s in states:
                 return s
         return "closed"
@@ -145,10 +146,14 @@ class HealthTracker:
             b.opened_times += 1
             b.failures = 0
 
-    def cool_down(self, route: str, key_id: str, seconds: float, *, error: str = "") -> None:
-        """This key must not be used on this route for ``seconds`` (rate-limited, refused)."""
+    def cool_down(self, route: str, key_id: str, seconds: float, *, error: str = "", kind: str = "cooling") -> None:
+        """This key must not be used on this route for ``seconds``.
+
+        ``kind`` is ``cooling`` (the upstream rate-limited it) or ``refused`` (401/403).
+        """
         b = self.breaker(route, key_id)
         b.cooldown_until = max(b.cooldown_until, self.clock() + seconds)
+        b.cooldown_kind = kind
         b.last_error = error or b.last_error
 
     def probe_result(self, route: str, ok: bool) -> None:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
     from asgi_llm.routing.health import HealthTracker
 
-__all__ = ["STRATEGIES", "ModelRoute", "Plan", "Price", "Router", "Target"]
+__all__ = ["STRATEGIES", "ModelRoute", "NodeResolver", "NodeTargets", "Plan", "Price", "Router", "Target"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +66,29 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeTargets:
+    """A recipe target ``{nodes: <selector>, model: ...}``: whichever enrolled nodes match
+    at request time. The router's :data:`NodeResolver` expands it into node
+    :class:`Target` s (``kind="node"``) for the caller's org."""
+
+    selector: str
+    model: str
+    price: Price | None = None
+    weight: float = 1.0
+    context_window: int | None = None
+    prefill: bool = True
+
+
+NodeResolver = Callable[["NodeTargets", "RequestContext"], list[Target]]
+"""Expands a :class:`NodeTargets` into the live node targets the caller may use."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
-    """A public model: its strategy and its targets, in recipe order."""
+    """A public model: its strategy and its targets (or node selectors), in recipe order."""
 
     name: str
-    targets: tuple[Target, ...]
+    targets: tuple[Target | NodeTargets, ...]
     strategy: str = "priority"
 
 
@@ -144,10 +162,14 @@ def _fastest(router: Router, ctx: RequestContext, targets: list[Target]) -> list
 
 
 def _least_busy(router: Router, ctx: RequestContext, targets: list[Target]) -> list[Target]:
-    if router.health is None:
-        return list(targets)
-    health = router.health
-    return sorted(targets, key=lambda t: health.in_flight(t.route))
+    health, extra = router.health, router.extra_load
+
+    def load(t: Target) -> float:
+        # The gateway's own in-flight count, plus what the target reports (an engine's
+        # queue depth, for nodes) when a load signal is configured.
+        return (health.in_flight(t.route) if health is not None else 0) + (extra(t) if extra is not None else 0.0)
+
+    return sorted(targets, key=load)
 
 
 STRATEGIES: Mapping[str, Strategy] = {
@@ -190,6 +212,8 @@ class Router:
         health: HealthTracker | None = None,
         key_ids: Mapping[str, list[str]] | None = None,
         rng: random.Random | None = None,
+        node_resolver: NodeResolver | None = None,
+        extra_load: Callable[[Target], float] | None = None,
     ) -> None:
         for m in models:
             if m.strategy not in STRATEGIES:
@@ -202,6 +226,19 @@ class Router:
         self.health = health
         self.key_ids = dict(key_ids or {})
         self.rng = rng or random.Random()
+        self.node_resolver = node_resolver
+        self.extra_load = extra_load
+
+    def expand(self, ctx: RequestContext, targets: Sequence[Target | NodeTargets]) -> list[Target]:
+        """Replace node selectors by the live nodes that match them (none without a resolver)."""
+        out: list[Target] = []
+        for t in targets:
+            if isinstance(t, NodeTargets):
+                if self.node_resolver is not None:
+                    out.extend(self.node_resolver(t, ctx))
+            else:
+                out.append(t)
+        return out
 
     def model_names(self) -> list[str]:
         """Public model names, sorted."""
@@ -250,9 +287,9 @@ class Router:
         if rule is not None and rule.allow_fallbacks is False or provider.get("allow_fallbacks") is False:
             plan.allow_fallbacks = False
 
-        ordered = STRATEGIES[strategy](self, ctx, list(primary.targets))
+        ordered = STRATEGIES[strategy](self, ctx, self.expand(ctx, primary.targets))
         for fb in fallback_routes:
-            ordered.extend(STRATEGIES[fb.strategy](self, ctx, list(fb.targets)))
+            ordered.extend(STRATEGIES[fb.strategy](self, ctx, self.expand(ctx, fb.targets)))
         candidates: list[Target] = []
         seen: set[str] = set()
         for t in ordered:
@@ -262,9 +299,9 @@ class Router:
 
         candidates = self._filter(plan, candidates, rule, provider, ctx)
         if not candidates:
+            why = "; ".join(f"{s['route']}: {s['skipped']}" for s in plan.steps) or "no node that serves it is online"
             raise ServiceUnavailableError(
-                f"No target of model '{primary.name}' may serve this request: "
-                + "; ".join(f"{s['route']}: {s['skipped']}" for s in plan.steps),
+                f"No target of model '{primary.name}' may serve this request: {why}.",
                 code="no_eligible_target",
             )
         healthy = self._healthy(plan, candidates)
@@ -278,7 +315,7 @@ class Router:
                 )
             raise ServiceUnavailableError(
                 f"Every target of model '{primary.name}' is unavailable right now: "
-                + "; ".join(f"{s['route']}: {s['skipped']}" for s in plan.steps if "unhealthy" in s["skipped"]),
+                + "; ".join(_describe(s) for s in plan.steps if "unhealthy" in s["skipped"]),
                 code="no_healthy_target",
                 headers=retry_after,
             )
@@ -365,6 +402,16 @@ class Router:
                 if until > now and (soonest is None or until < soonest):
                     soonest = until
         return max(1, int((soonest - now) + 0.999)) if soonest is not None else 1
+
+
+def _describe(step: dict[str, Any]) -> str:
+    provider = step["route"].split("/", 1)[0]
+    why = {
+        "unhealthy (refused)": "every upstream API key was refused (401/403); check the keys",
+        "unhealthy (open)": "circuit open after repeated failures",
+        "unhealthy (cooling)": "rate-limited upstream",
+    }.get(step["skipped"], step["skipped"])
+    return f"provider '{provider}' ({step['route']}): {why}"
 
 
 def _loose_eq(a: Any, b: Any) -> bool:
