@@ -149,14 +149,18 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
                 scope.cancel()
                 return
 
+    finished = False
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_disconnect, tg.cancel_scope)
         try:
             await _pump(ctx, reply, attempt, send)
+            finished = True
         except Exception as exc:  # re-raised below, outside the task group
             failure = exc
         tg.cancel_scope.cancel()
-    if disconnected:
+    # Servers report http.disconnect once a response is complete, too: a disconnect
+    # seen after the last message was sent is not an abort.
+    if disconnected and not finished:
         ctx.state["client_disconnected"] = True
         raise ClientDisconnected()
     if failure is not None:

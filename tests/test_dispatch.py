@@ -86,6 +86,13 @@ class TestDispatch:
         assert "[DONE]" not in data
         assert "error" in json.loads(data[-1])
 
+    async def test_malformed_stream_ends_with_error_event(self, gateway: Gateway, upstream_a: FakeUpstreamHandle) -> None:
+        """A malformed chunk after content ends the stream with an error event; no resource is left unclosed."""
+        upstream_a.add_faults({"kind": "malformed", "after_chunks": 2})
+        rec = await call(gateway, body={"model": "chat", "messages": MESSAGES, "stream": True})
+        assert rec.complete and "[DONE]" not in rec.sse_data()
+        assert json.loads(rec.sse_data()[-1])["error"]["code"] == "bad_upstream_response"
+
     async def test_failure_before_first_chunk_is_http_error(self, gateway: Gateway, upstream_a: FakeUpstreamHandle) -> None:
         """An upstream that accepts the stream and sends nothing gets a clean 504, not a 200 with an error."""
         upstream_a.add_faults({"kind": "slow_first_token", "delay_s": 3})

@@ -31,9 +31,9 @@ __all__ = ["GATEWAY_ONLY_FIELDS", "OpenAIAdapter"]
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
-GATEWAY_ONLY_FIELDS: frozenset[str] = frozenset({"provider", "models", "fallbacks"})
+GATEWAY_ONLY_FIELDS: frozenset[str] = frozenset({"provider", "models", "fallbacks", "cache"})
 """Request fields meant for the gateway itself (routing overrides in the OpenRouter and
-LiteLLM dialects), never forwarded upstream."""
+LiteLLM dialects, LiteLLM's cache controls), never forwarded upstream."""
 
 _USER_AGENT = "asgi-llm/0.1"
 

@@ -196,6 +196,11 @@ def _map_httpx_errors(url: str) -> Iterator[None]:
         raise UpstreamProtocolError(f"{url} sent a body that could not be decoded: {exc}.") from exc
     except httpx2.HTTPError as exc:
         raise UpstreamConnectionError(f"Request to {url} failed: {exc or type(exc).__name__}.") from exc
+    except Exception as exc:
+        # httpcore2's own exceptions, when its stream is iterated directly (see iter_chunks).
+        if type(exc).__module__.startswith("httpcore"):
+            raise UpstreamConnectionError(f"The connection to {url} broke: {exc or type(exc).__name__}.") from exc
+        raise
 
 
 class _HttpxResponse:
@@ -215,12 +220,26 @@ class _HttpxResponse:
         return data
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        # Close httpx's own generator explicitly when we stop early (at [DONE], on a
-        # cancel): left to the garbage collector it would finalise on the wrong task.
-        async with contextlib.aclosing(self._resp.aiter_bytes()) as chunks:
+        # Iterate the raw stream's own generator and close it explicitly when we stop
+        # early (a cut or malformed stream, a cancel): httpx's decoding generators wrap
+        # it in layers that would be left to the garbage collector, which finalises
+        # them on the wrong task under trio. Streams are not content-encoded in
+        # practice; a compressed one goes through httpx's decoder instead.
+        encoded = self._resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        # httpx2's AsyncResponseStream iterates httpcore's generator without ever closing
+        # it; reach for httpcore's stream when it is there, so *we* can close it.
+        inner = getattr(getattr(self._resp.stream, "_stream", None), "_httpcore_stream", None)
+        if encoded:
+            source = self._resp.aiter_bytes()
+        elif inner is not None and hasattr(inner, "__aiter__"):
+            source = inner.__aiter__()
+        else:
+            source = self._resp.stream.__aiter__()
+        async with contextlib.aclosing(source) as chunks:  # type: ignore[type-var]
             with _map_httpx_errors(self._url):
                 async for chunk in chunks:
-                    yield chunk
+                    if chunk:
+                        yield chunk
         self._done = True
 
     async def aclose(self) -> None:

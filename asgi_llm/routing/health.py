@@ -63,6 +63,8 @@ class HealthTracker:
 
     policy: BreakerPolicy = field(default_factory=BreakerPolicy)
     clock: Callable[[], float] = time.monotonic
+    on_change: Callable[[str, str, BreakerState], None] | None = None
+    """Called after a breaker opens, closes or a key cools down (to share it across replicas)."""
     _breakers: dict[tuple[str, str], BreakerState] = field(default_factory=dict)
     _routes: dict[str, _RouteStats] = field(default_factory=dict)
 
@@ -124,10 +126,13 @@ class HealthTracker:
         """A complete answer: close the breaker, feed the latency EWMA."""
         b = self._breakers.get((route, key_id))
         if b is not None:
+            was_open = b.open_until != 0.0
             b.failures = 0
             b.open_until = 0.0
             b.opened_times = 0
             b.last_error = None
+            if was_open and self.on_change is not None:
+                self.on_change(route, key_id, b)
         if latency_s is not None:
             stats = self._stats(route)
             a = self.policy.ewma_alpha
@@ -145,6 +150,8 @@ class HealthTracker:
             b.open_until = now + cooldown
             b.opened_times += 1
             b.failures = 0
+            if self.on_change is not None:
+                self.on_change(route, key_id, b)
 
     def cool_down(self, route: str, key_id: str, seconds: float, *, error: str = "", kind: str = "cooling") -> None:
         """This key must not be used on this route for ``seconds``.
@@ -155,6 +162,23 @@ class HealthTracker:
         b.cooldown_until = max(b.cooldown_until, self.clock() + seconds)
         b.cooldown_kind = kind
         b.last_error = error or b.last_error
+        if self.on_change is not None:
+            self.on_change(route, key_id, b)
+
+    def apply_remote(self, route: str, key_id: str, *, open_for: float, cooldown_for: float,
+                     cooldown_kind: str, opened_times: int, error: str | None) -> None:
+        """Adopt a transition another replica observed (remaining durations, not clocks:
+        monotonic clocks differ between processes). Never calls ``on_change``."""
+        now = self.clock()
+        b = self.breaker(route, key_id)
+        b.open_until = now + open_for if open_for > 0 else 0.0
+        b.opened_times = max(b.opened_times, opened_times) if open_for > 0 else 0
+        if open_for <= 0:
+            b.failures = 0
+        if cooldown_for > 0:
+            b.cooldown_until = max(b.cooldown_until, now + cooldown_for)
+            b.cooldown_kind = cooldown_kind
+        b.last_error = error
 
     def probe_result(self, route: str, ok: bool) -> None:
         """An active probe's verdict for every key of a route: ok moves open breakers to half-open."""
