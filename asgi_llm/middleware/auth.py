@@ -1,0 +1,175 @@
+"""AuthMiddleware: a bearer key → the request's :class:`~asgi_llm.context.Principal`.
+
+The key comes from ``Authorization: Bearer <key>`` (OpenAI's SDKs) or ``x-api-key``
+(Anthropic-style clients). What each endpoint needs:
+
+| endpoint | needs |
+|---|---|
+| ``/healthz``, ``/readyz`` | nothing (always open) |
+| inference (``/v1/chat/completions`` …), ``GET /v1/models`` | a key with the ``inference`` scope |
+| ``/admin/...`` | a key with the ``admin`` scope |
+| ``/nodes/...`` | a key with the ``node`` scope, or a credential the node routes check themselves |
+| anything else (a host app's own routes) | untouched |
+
+Missing, malformed, unknown, expired and revoked keys are 401s in OpenAI's shape; a
+key without the scope an endpoint needs is a 403. A model outside the key's allow-list
+is a 404 ``model_not_found`` word for word like a model that is not configured, so a
+key cannot probe what other keys may use. Keys never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from asgi_llm._asgi import get_header
+from asgi_llm.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
+from asgi_llm.middleware.context import ensure_context
+
+if TYPE_CHECKING:
+    from asgi_llm.auth.keyring import KeyRing
+    from asgi_llm.stack import BuildParts, LayerFactory
+
+__all__ = ["AuthMiddleware", "build_auth_layer", "model_not_found"]
+
+_MISSING = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header "
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+def model_not_found(model: str) -> ModelNotFoundError:
+    """The 404 for a model that is not configured *or* not allowed (identical on purpose)."""
+    return ModelNotFoundError(
+        f"The model '{model}' does not exist or you do not have access to it. "
+        "GET /v1/models lists the models you can use.",
+        param="model",
+    )
+
+
+def presented_key(scope: Scope) -> str | None:
+    """The key a request presents (``None`` if none); raises for a malformed header."""
+    auth = get_header(scope, b"authorization")
+    if auth is not None:
+        try:
+            text = auth.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.") from None
+        scheme, _, token = text.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.")
+        return token
+    api_key = get_header(scope, b"x-api-key")
+    if api_key is not None:
+        try:
+            return api_key.decode("ascii").strip() or None
+        except UnicodeDecodeError:
+            raise AuthenticationError("Malformed x-api-key header.") from None
+    return None
+
+
+class AuthMiddleware:
+    """Authenticate the caller and set ``ctx.principal``.
+
+    Args:
+        app: the next ASGI app.
+        keys: resolves presented keys (recipe keys and stored keys).
+
+    Example:
+        >>> app = AuthMiddleware(app, keys=KeyRing(static=[("sk-team-a-123", Principal("k1", "team-a"))]))
+    """
+
+    def __init__(self, app: ASGIApp, *, keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx, receive = await ensure_context(scope, receive)
+        endpoint = ctx.endpoint
+        if endpoint in ("health", "other"):
+            await self.app(scope, receive, send)
+            return
+        if endpoint == "nodes":
+            # Node routes also accept credentials of their own (enrollment tokens, node
+            # credentials): a key we do not know is theirs to judge.
+            token = presented_key(scope)
+            if token is not None:
+                try:
+                    principal = await self.keys.authenticate(token)
+                except AuthenticationError:
+                    principal = None
+                if principal is not None:
+                    if not principal.has_scope("node"):
+                        raise PermissionDeniedError("This key cannot be used for node endpoints (it lacks the 'node' scope).")
+                    ctx.principal = principal
+            await self.app(scope, receive, send)
+            return
+        token = presented_key(scope)
+        if token is None:
+            raise AuthenticationError(_MISSING, code="missing_api_key")
+        principal = await self.keys.authenticate(token)
+        if endpoint == "admin":
+            if not principal.has_scope("admin"):
+                raise PermissionDeniedError("This key does not have the admin scope.")
+        elif not principal.has_scope("inference"):
+            raise PermissionDeniedError(
+                "This key cannot be used for inference (it lacks the 'inference' scope); use an inference key."
+            )
+        elif ctx.is_inference and ctx.model is not None and not principal.allows_model(ctx.model):
+            ctx.principal = principal
+            raise model_not_found(ctx.model)
+        ctx.principal = principal
+        await self.app(scope, receive, send)
+
+
+def build_auth_layer(parts: BuildParts) -> LayerFactory | None:
+    """The recipe's ``auth`` section → an auth layer (``None``: no keys configured, no auth).
+
+    Auth is on when the recipe declares ``auth.admin_keys`` or ``auth.keys``. With
+    ``auth.keys_from_db`` (default) keys created through the admin API are accepted too;
+    they live in the SQL store at ``stores.ledger``, shared with the ledger
+    (``parts.extras["sql"]``).
+    """
+    from asgi_llm.admin.keys import key_routes
+    from asgi_llm.auth.keyring import KeyRing
+    from asgi_llm.auth.store import SQLKeyStore
+    from asgi_llm.config import ConfigError
+
+    auth = parts.config.auth
+    if not (auth.admin_keys or auth.keys):
+        return None
+    problems: list[tuple[str, str]] = []
+    names: dict[str, int] = {}
+    for i, k in enumerate(auth.keys):
+        if k.name is not None:
+            if k.name in names:
+                problems.append((f"auth.keys[{i}].name", f"duplicate key name (same as auth.keys[{names[k.name]}].name)"))
+            names.setdefault(k.name, i)
+        for model in k.model_limits:
+            if model not in parts.config.models:
+                problems.append((f"auth.keys[{i}].model_limits", f"unknown model {model!r}"))
+    store = None
+    if auth.keys_from_db:
+        db = parts.extras.get("sql")
+        if db is None:
+            from asgi_llm.stores.sql import SQLDatabase
+
+            db = parts.extras["sql"] = SQLDatabase(parts.config.stores.ledger)
+            parts.resources.append(db)
+            parts.readiness.append(db.ping)
+        store = SQLKeyStore(db)
+    try:
+        ring = KeyRing.from_config(auth, store=store)
+    except ValueError as exc:
+        problems.append(("auth.pepper", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    parts.resources.append(ring)
+    parts.extras["keyring"] = ring
+    parts.admin_routes.extend(key_routes(ring, model_names=parts.router.model_names()))
+    return lambda app: AuthMiddleware(app, keys=ring)
