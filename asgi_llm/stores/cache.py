@@ -1,0 +1,279 @@
+"""Response-cache stores: one Protocol, a memory and a Redis implementation.
+
+* :class:`MemoryCacheStore` (``memory://``) -- cachetools' ``TLRUCache`` bounded both by
+  total bytes and by entry count, a TTL per entry, an injectable timer. One process;
+  runs under asyncio and trio.
+* :class:`RedisCacheStore` (``redis://``, ``rediss://``) -- shared by every replica.
+  **asyncio only** (``redis.asyncio``). Entries are ``SET <prefix><org>:<model>:<digest>
+  <value> PX <ttl>``; org and model are percent-encoded, so they never contain ``:`` or
+  glob characters and a purge is a ``SCAN MATCH <prefix><org|*>:<model|*>:*`` plus
+  ``UNLINK`` in batches -- no index to keep consistent, nothing left behind when entries
+  expire. It also offers :class:`FlightLockSupport` (``SET NX PX`` with an owner token)
+  so identical misses on different replicas make one upstream call.
+
+Store failures leave as :class:`~asgi_llm.stores.StoreError`; the cache layer treats
+them as a bypass, never as a failed request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import quote
+
+from asgi_llm.cache.keys import CacheKey
+from asgi_llm.stores import StoreError
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+__all__ = [
+    "CacheStore",
+    "FlightLockSupport",
+    "MemoryCacheStore",
+    "RedisCacheStore",
+    "cache_store_from_url",
+]
+
+# Rough per-entry bookkeeping cost counted against the byte bound besides the value.
+_ENTRY_OVERHEAD = 128
+
+
+class CacheStore(Protocol):
+    """Where cached answers live. Values are opaque bytes; keys carry org and model."""
+
+    async def get(self, key: CacheKey) -> bytes | None:
+        """The value stored under ``key``, or ``None`` (never stored, expired, purged).
+
+        Example:
+            >>> await store.get(key)
+            b'{"v":1,...}'
+        """
+        ...
+
+    async def set(self, key: CacheKey, value: bytes, *, ttl_s: float) -> None:
+        """Store ``value`` for ``ttl_s`` seconds, replacing any previous value. A store
+        may drop a value that does not fit its bounds.
+
+        Example:
+            >>> await store.set(key, b"...", ttl_s=300)
+        """
+        ...
+
+    async def purge(self, *, org: str | None = None, model: str | None = None) -> int:
+        """Delete every entry of ``org`` and/or public ``model`` (``None`` = any);
+        return how many were deleted.
+
+        Example:
+            >>> await store.purge(org="acme", model="chat")
+            12
+        """
+        ...
+
+    async def start(self, task_group: TaskGroup) -> None:
+        """Open connections (the gateway calls it at startup)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections."""
+        ...
+
+
+@runtime_checkable
+class FlightLockSupport(Protocol):
+    """Optional: a short lock per key shared by replicas (single flight across processes)."""
+
+    async def acquire_flight(self, key: CacheKey, *, ttl_s: float) -> str | None:
+        """Take the lock for ``key`` for at most ``ttl_s``; return an owner token, or
+        ``None`` when someone else holds it.
+
+        Example:
+            >>> token = await store.acquire_flight(key, ttl_s=30)
+        """
+        ...
+
+    async def release_flight(self, key: CacheKey, token: str) -> None:
+        """Release the lock if ``token`` still owns it."""
+        ...
+
+    async def flight_held(self, key: CacheKey) -> bool:
+        """Is someone holding the lock for ``key``?"""
+        ...
+
+
+class MemoryCacheStore:
+    """In-process cache bounded by bytes and by entries, with a TTL per entry.
+
+    Args:
+        max_entries: at most this many entries (least recently used evicted first).
+        max_bytes: at most this many bytes of values (plus a small per-entry overhead).
+        timer: the clock entries expire by (inject one to test without sleeping).
+
+    Example:
+        >>> store = MemoryCacheStore(max_entries=1000, max_bytes=64 << 20)
+    """
+
+    def __init__(self, *, max_entries: int = 10_000, max_bytes: int = 256 << 20,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        from cachetools import TLRUCache
+
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        # value = (bytes, ttl_s, size)
+        self._cache: TLRUCache[CacheKey, tuple[bytes, float, int]] = TLRUCache(
+            maxsize=max_bytes, ttu=lambda _k, v, now: now + v[1], timer=timer, getsizeof=lambda v: v[2]
+        )
+
+    async def get(self, key: CacheKey) -> bytes | None:
+        item = self._cache.get(key)
+        return None if item is None else item[0]
+
+    async def set(self, key: CacheKey, value: bytes, *, ttl_s: float) -> None:
+        size = len(value) + len(key.storage_id) + _ENTRY_OVERHEAD
+        if size > self.max_bytes or ttl_s <= 0:
+            return
+        self._cache.pop(key, None)
+        self._cache.expire()
+        while len(self._cache) >= self.max_entries:
+            self._cache.popitem()  # least recently used
+        self._cache[key] = (value, ttl_s, size)
+
+    async def purge(self, *, org: str | None = None, model: str | None = None) -> int:
+        self._cache.expire()
+        doomed = [k for k in list(self._cache.keys())
+                  if (org is None or k.org == org) and (model is None or k.model == model)]
+        for k in doomed:
+            self._cache.pop(k, None)
+        return len(doomed)
+
+    def __len__(self) -> int:
+        self._cache.expire()
+        return len(self._cache)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes currently counted against ``max_bytes``."""
+        return int(self._cache.currsize)
+
+    async def start(self, task_group: TaskGroup) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _map_redis_errors(what: str) -> Iterator[None]:
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"Redis cache store failed during {what}: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisCacheStore:
+    """The shared cache on Redis (asyncio only).
+
+    Args:
+        url: ``redis://host:port/db`` or ``rediss://…``.
+        prefix: key prefix of entries (``asgi-llm:cache:``); locks use ``<prefix minus ':'>-flight:``.
+        max_connections: connection pool size (a blocking pool: callers wait for a connection).
+        timeout_s: connect, socket and pool-wait timeout -- an unreachable Redis costs
+            a request at most about this long before it is served without the cache.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "asgi-llm:cache:", max_connections: int = 64,
+                 timeout_s: float = 1.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.flight_prefix = prefix.rstrip(":") + "-flight:"
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self._pool: Any = None
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            import redis.asyncio as aioredis
+
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=self.max_connections, timeout=self.timeout_s,
+                socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+            )
+            self._client = aioredis.Redis(connection_pool=self._pool)
+        return self._client
+
+    async def start(self, task_group: TaskGroup) -> None:
+        self._redis()  # connect lazily: a Redis outage at startup must not stop the gateway
+
+    async def aclose(self) -> None:
+        client, pool, self._client, self._pool = self._client, self._pool, None, None
+        if client is not None:
+            await client.aclose()
+            await pool.aclose()
+
+    async def get(self, key: CacheKey) -> bytes | None:
+        with _map_redis_errors("get"):
+            value = await self._redis().get(self.prefix + key.storage_id)
+        return None if value is None else bytes(value)
+
+    async def set(self, key: CacheKey, value: bytes, *, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        with _map_redis_errors("set"):
+            await self._redis().set(self.prefix + key.storage_id, value, px=max(1, int(ttl_s * 1000)))
+
+    async def purge(self, *, org: str | None = None, model: str | None = None) -> int:
+        org_part = quote(org, safe="") if org is not None else "*"
+        model_part = quote(model, safe="") if model is not None else "*"
+        pattern = f"{self.prefix}{org_part}:{model_part}:*"
+        deleted = 0
+        with _map_redis_errors("purge"):
+            r = self._redis()
+            batch: list[bytes] = []
+            async for name in r.scan_iter(match=pattern, count=1000):
+                batch.append(name)
+                if len(batch) >= 500:
+                    deleted += int(await r.unlink(*batch))
+                    batch.clear()
+            if batch:
+                deleted += int(await r.unlink(*batch))
+        return deleted
+
+    async def acquire_flight(self, key: CacheKey, *, ttl_s: float) -> str | None:
+        token = os.urandom(8).hex()
+        with _map_redis_errors("lock"):
+            ok = await self._redis().set(self.flight_prefix + key.storage_id, token, nx=True,
+                                         px=max(1, int(ttl_s * 1000)))
+        return token if ok else None
+
+    async def release_flight(self, key: CacheKey, token: str) -> None:
+        with _map_redis_errors("unlock"):
+            await self._redis().eval(_RELEASE, 1, self.flight_prefix + key.storage_id, token)
+
+    async def flight_held(self, key: CacheKey) -> bool:
+        with _map_redis_errors("lock check"):
+            return bool(await self._redis().exists(self.flight_prefix + key.storage_id))
+
+
+def cache_store_from_url(url: str, *, max_entries: int = 10_000, max_bytes: int = 256 << 20) -> CacheStore:
+    """The cache store a URL names: ``memory://`` or ``redis(s)://…``.
+
+    Example:
+        >>> cache_store_from_url("redis://127.0.0.1:6379/0")
+    """
+    if url.startswith("memory://"):
+        return MemoryCacheStore(max_entries=max_entries, max_bytes=max_bytes)
+    if url.startswith(("redis://", "rediss://")):
+        return RedisCacheStore(url)
+    raise ValueError("unsupported cache store URL (use memory:// or redis(s)://)")
