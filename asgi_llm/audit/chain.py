@@ -1,0 +1,194 @@
+"""Audit events and their hash chain.
+
+Each stored event carries ``seq`` (its position), ``prev_hash`` (the previous event's
+hash; :data:`GENESIS` for the first) and ``hash``::
+
+    hash = sha256(prev_hash + canonical_json(event fields + seq + prev_hash))
+
+so changing any field of an event breaks its own hash, deleting or reordering events
+breaks the next event's ``prev_hash`` link (and the ``seq`` sequence), and truncating
+the tail no longer matches the chain head (``audit_head``). :func:`verify_events`
+reports the first broken link.
+
+What a hash chain cannot do alone: someone with write access to the database can
+rewrite the whole chain from the tampered event on, head included. Record the head
+(``asgi-llm audit verify`` prints it) somewhere else from time to time to anchor it.
+
+Events carry no prompt content: who (org, actor key id), what (action, model, route),
+the verdict, status, attempts and request id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["GENESIS", "VERDICTS", "AuditEvent", "ChainBreak", "VerifyResult", "canonical", "event_hash", "verify_events"]
+
+GENESIS = "0" * 64
+"""The ``prev_hash`` of the first event."""
+
+VERDICTS = ("allowed", "failed_over", "rate_limited", "denied", "failed", "error")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """One audited request. ``seq``/``prev_hash``/``hash`` are set when it is stored.
+
+    ``kind``: ``inference`` | ``admin`` | ``node``. ``action``: the endpoint for
+    inference (``chat``), ``METHOD /path`` for admin calls (``POST /admin/keys``).
+    ``verdict``: allowed | failed_over | rate_limited | denied | failed | error.
+    ``ts`` is naive UTC.
+    """
+
+    kind: str
+    org: str
+    actor: str
+    action: str
+    verdict: str
+    status: int
+    request_id: str
+    target: str | None = None
+    model: str | None = None
+    route: str | None = None
+    attempts: int = 0
+    detail: dict[str, Any] | None = None
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ts: dt.datetime = field(default_factory=_now)
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def content(self) -> dict[str, Any]:
+        """The hashed fields (everything but ``hash``), JSON-ready."""
+        return {
+            "seq": self.seq, "prev_hash": self.prev_hash, "event_id": self.event_id,
+            "ts": self.ts.isoformat(timespec="microseconds"), "kind": self.kind, "org": self.org,
+            "actor": self.actor, "action": self.action, "target": self.target, "model": self.model,
+            "route": self.route, "verdict": self.verdict, "status": self.status, "attempts": self.attempts,
+            "request_id": self.request_id, "detail": self.detail_text(),
+        }
+
+    def detail_text(self) -> str | None:
+        return None if self.detail is None else json.dumps(self.detail, sort_keys=True, separators=(",", ":"))
+
+    def to_json(self) -> str:
+        """One spill-file line (chain fields excluded: they are assigned at insert)."""
+        d = self.content()
+        for k in ("seq", "prev_hash"):
+            d.pop(k)
+        d["detail"] = self.detail
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> AuditEvent:
+        d = json.loads(line)
+        d["ts"] = dt.datetime.fromisoformat(d["ts"])
+        return cls(**d)
+
+    @classmethod
+    def from_row(cls, row: Any) -> AuditEvent:
+        """From a database row (mapping)."""
+        detail = row["detail"]
+        return cls(
+            kind=row["kind"], org=row["org"], actor=row["actor"], action=row["action"], verdict=row["verdict"],
+            status=row["status"], request_id=row["request_id"], target=row["target"], model=row["model"],
+            route=row["route"], attempts=row["attempts"], detail=None if detail is None else json.loads(detail),
+            event_id=row["event_id"], ts=row["ts"], seq=row["seq"], prev_hash=row["prev_hash"], hash=row["hash"],
+        )
+
+    def to_api(self) -> dict[str, Any]:
+        d = self.content()
+        d["detail"] = self.detail
+        d["hash"] = self.hash
+        return d
+
+
+def canonical(content: dict[str, Any]) -> str:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(event: AuditEvent) -> str:
+    """``sha256(prev_hash + canonical(content))`` as hex."""
+    return hashlib.sha256(((event.prev_hash or "") + canonical(event.content())).encode()).hexdigest()
+
+
+def seal(events: Iterable[AuditEvent], head_seq: int, head_hash: str) -> tuple[int, str]:
+    """Assign ``seq``/``prev_hash``/``hash`` after the head; return the new head."""
+    seq, prev = head_seq, head_hash
+    for e in events:
+        seq += 1
+        e.seq, e.prev_hash = seq, prev
+        e.hash = prev = event_hash(e)
+    return seq, prev
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    """The first broken link: where, and why."""
+
+    seq: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The outcome of a chain verification."""
+
+    ok: bool
+    events: int
+    head_seq: int
+    head_hash: str
+    first_break: ChainBreak | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        return {"ok": self.ok, "events": self.events, "head_seq": self.head_seq, "head_hash": self.head_hash,
+                "first_break": None if self.first_break is None else {"seq": self.first_break.seq, "reason": self.first_break.reason}}
+
+
+class ChainVerifier:
+    """Feed events in ``seq`` order; remembers the first broken link."""
+
+    def __init__(self) -> None:
+        self.expected_seq = 1
+        self.prev = GENESIS
+        self.count = 0
+        self.first_break: ChainBreak | None = None
+
+    def feed(self, e: AuditEvent) -> None:
+        self.count += 1
+        if self.first_break is not None:
+            return
+        if e.seq != self.expected_seq:
+            what = "deleted" if (e.seq or 0) > self.expected_seq else "duplicated or reordered"
+            self.first_break = ChainBreak(self.expected_seq, f"sequence gap: expected seq {self.expected_seq}, found {e.seq} (event {what})")
+        elif e.prev_hash != self.prev:
+            self.first_break = ChainBreak(e.seq, "prev_hash does not match the previous event's hash (event deleted, inserted or reordered)")
+        elif event_hash(e) != e.hash:
+            self.first_break = ChainBreak(e.seq, "hash mismatch: the event was modified")
+        self.expected_seq = (e.seq or 0) + 1
+        self.prev = e.hash or ""
+
+    def result(self, head_seq: int, head_hash: str) -> VerifyResult:
+        brk = self.first_break
+        if brk is None and (head_seq != self.expected_seq - 1 or head_hash != self.prev):
+            brk = ChainBreak(head_seq, f"chain ends at seq {self.expected_seq - 1} but the head says {head_seq}: "
+                                       "events at the end were deleted (or the head was modified)")
+        return VerifyResult(ok=brk is None, events=self.count, head_seq=head_seq, head_hash=head_hash, first_break=brk)
+
+
+def verify_events(events: Iterable[AuditEvent], head_seq: int, head_hash: str) -> VerifyResult:
+    """Verify a whole chain given in ``seq`` order against its head."""
+    v = ChainVerifier()
+    for e in events:
+        v.feed(e)
+    return v.result(head_seq, head_hash)

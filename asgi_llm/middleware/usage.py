@@ -1,0 +1,309 @@
+"""UsageMiddleware: one ledger row per attempt — failed and aborted ones too.
+
+After the inner app returns *or raises* (success, gateway error, client disconnect,
+cancellation), it turns every entry of ``ctx.attempt_log`` into a
+:class:`~asgi_llm.usage.records.LedgerRow` and hands it to a synchronous sink (the
+:class:`~asgi_llm.usage.writer.BatchWriter`): nothing is awaited, the response is never
+held up by metering. A cache hit (no attempt, ``ctx.cache_status == "HIT"``) is one row
+with cost 0 and ``saved_usd`` = what the cached answer would have cost.
+
+Tokens: the upstream's reported usage when there is one. Otherwise (a stream cut or
+abandoned before its usage chunk) completion tokens are the content chunks relayed to
+the client and prompt tokens a heuristic (:mod:`asgi_llm.usage.estimate`), and the row
+is flagged ``estimated``. An attempt that failed before the upstream answered anything
+records zero tokens. Cost: :class:`~asgi_llm.usage.pricing.Pricer`; ``ctx.cost`` is set
+to the request's total.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Collection
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from asgi_llm.context import Attempt, RequestContext, Usage
+from asgi_llm.middleware.context import ensure_context
+from asgi_llm.observability import logs
+from asgi_llm.usage.estimate import ESTIMATORS, PromptEstimator, count_content_pieces, estimate_prompt_chars
+from asgi_llm.usage.pricing import Pricer
+from asgi_llm.usage.records import LedgerRow
+
+if TYPE_CHECKING:
+    from asgi_llm.observability.metrics import GatewayMetrics
+    from asgi_llm.observability.tracing import GatewayTracer
+    from asgi_llm.routing.router import Router, Target
+    from asgi_llm.stack import BuildParts, LayerFactory
+
+__all__ = ["UsageMiddleware", "build_usage_layer", "prompt_hash"]
+
+log = logging.getLogger("asgi_llm.usage")
+_PROMPT_TEXT_MAX = 4000
+
+
+def _prompt_json(payload: dict[str, Any]) -> str | None:
+    for name in ("messages", "prompt", "input"):
+        if name in payload:
+            return json.dumps(payload[name], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return None
+
+
+def prompt_hash(org: str, payload: dict[str, Any]) -> str | None:
+    """sha256 of the org and the prompt (messages / prompt / input), not of the model:
+    the same prompt sent to two public models has the same hash within an org, and
+    none across orgs."""
+    text = _prompt_json(payload)
+    if text is None:
+        return None
+    return hashlib.sha256(f"{org}\0{text}".encode()).hexdigest()
+
+
+class UsageMiddleware:
+    """Meter every attempt into the ledger.
+
+    Args:
+        sink: takes one row, synchronously, never blocking (``BatchWriter.put``).
+        pricer: prices rows (default: recipe prices, then genai-prices).
+        router: finds a route's target (and its price) when the plan does not have it.
+        prompt_estimator: prompt tokens when the upstream reported none.
+        prompt_content_orgs: orgs that opted in to storing prompt text (else only a hash).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        sink: Callable[[LedgerRow], None],
+        pricer: Pricer | None = None,
+        router: Router | None = None,
+        metrics: GatewayMetrics | None = None,
+        tracer: GatewayTracer | None = None,
+        prompt_estimator: PromptEstimator = estimate_prompt_chars,
+        prompt_content_orgs: Collection[str] = (),
+    ) -> None:
+        self.app = app
+        self.sink = sink
+        self.pricer = pricer or Pricer()
+        self.router = router
+        self.metrics = metrics
+        self.tracer = tracer
+        self.prompt_estimator = prompt_estimator
+        self.prompt_content_orgs = frozenset(prompt_content_orgs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx, receive = await ensure_context(scope, receive)
+        if not ctx.is_inference:
+            await self.app(scope, receive, send)
+            return
+        tokens = logs.bind(org=ctx.principal.org, key_id=ctx.principal.key_id)
+        seen = _Seen()
+
+        async def observe(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if ctx.stream:
+                    seen.pieces += count_content_pieces(body)
+                elif body:
+                    seen.body = body if not seen.body else seen.body + body
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            try:
+                self.record(ctx, seen)
+            except Exception:  # pragma: no cover - metering must never break a response
+                log.exception("usage: could not record request %s", ctx.request_id)
+            logs.unbind(tokens)
+
+    # ------------------------------------------------------------------ rows
+    def record(self, ctx: RequestContext, seen: _Seen | None = None) -> list[LedgerRow]:
+        """Build, count and hand over the request's rows; sets ``ctx.cost``."""
+        seen = seen or _Seen()
+        p = ctx.principal
+        phash = prompt_hash(p.org, ctx.payload)
+        ptext = None
+        if p.org in self.prompt_content_orgs:
+            raw = _prompt_json(ctx.payload)
+            ptext = raw[:_PROMPT_TEXT_MAX] if raw else None
+        base = dict(request_id=ctx.request_id, org=p.org, key_id=p.key_id, model=ctx.model or "",
+                    endpoint=ctx.endpoint, stream=ctx.stream, cache_status=ctx.cache_status,
+                    prompt_hash=phash, prompt_text=ptext)
+        rows: list[LedgerRow] = []
+        starts: list[float] = []
+        if not ctx.attempt_log:
+            if ctx.cache_status == "HIT":
+                rows.append(self._cache_row(ctx, base))
+                starts.append(ctx.started_at)
+        else:
+            last = ctx.attempt_log[-1]
+            for a in ctx.attempt_log:
+                rows.append(self._attempt_row(ctx, a, a is last, seen, base))
+                starts.append(a.started_at)
+        total = Decimal(0)
+        for row, started in zip(rows, starts, strict=True):
+            total += row.cost_usd
+            self.sink(row)
+            if self.metrics is not None:
+                self.metrics.record_row(row)
+            if self.tracer is not None and row.outcome != "cache_hit":
+                self.tracer.attempt_span(ctx, row, started)
+        if rows:
+            ctx.cost = total
+        return rows
+
+    def _target(self, ctx: RequestContext, route: str) -> Target | None:
+        for t in (ctx.target, *ctx.plan):
+            if t is not None and t.route == route:
+                return t
+        if self.router is not None and ctx.model:
+            model = self.router.get(ctx.model)
+            if model is not None:
+                for t in model.targets:
+                    if t.route == route:
+                        return t
+        return None
+
+    def _attempt_row(self, ctx: RequestContext, a: Attempt, is_last: bool, seen: _Seen, base: dict[str, Any]) -> LedgerRow:
+        usage = a.usage
+        if usage is None:
+            answered = a.response_model is not None or a.content_chunks > 0 or (is_last and seen.pieces > 0)
+            if answered:
+                completion = seen.pieces if (is_last and ctx.stream) else self._estimate_body(seen) if is_last else 0
+                prompt = self.prompt_estimator(ctx)
+                usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                              estimated=True)
+            else:
+                usage = Usage()
+        target = self._target(ctx, a.route)
+        quote = self.pricer.quote(target_price=target.price if target is not None else None, route=a.route,
+                                  model=a.model, usage=usage, response_model=a.response_model, provider=a.provider)
+        return LedgerRow(
+            **base, route=a.route, provider=a.provider, upstream_model=a.model, attempt=a.number,
+            node=_node(target, a.provider), response_model=a.response_model,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens, estimated=usage.estimated,
+            cost_usd=quote.cost, price_source=quote.source, latency_ms=a.latency_s * 1000,
+            ttft_ms=None if a.ttft_s is None else a.ttft_s * 1000, status=a.status, outcome=a.outcome,
+            error_code=a.error_code,
+        )
+
+    def _cache_row(self, ctx: RequestContext, base: dict[str, Any]) -> LedgerRow:
+        hit = ctx.state.get("cache_hit") or {}
+        usage = hit.get("usage")
+        if isinstance(usage, dict):
+            usage = Usage.from_openai(usage)
+        if not isinstance(usage, Usage):
+            usage = ctx.usage
+        route = str(hit.get("route") or "")
+        target = self._target(ctx, route)
+        provider, _, upstream_model = route.partition("/")
+        quote = self.pricer.quote(target_price=target.price if target is not None else None, route=route,
+                                  model=target.model if target else upstream_model, usage=usage,
+                                  provider=target.provider if target else provider)
+        import time
+
+        return LedgerRow(
+            **base, route=route, provider=target.provider if target else provider,
+            upstream_model=target.model if target else upstream_model, attempt=0, node=_node(target, provider),
+            cost_usd=Decimal(0), saved_usd=quote.cost, price_source=quote.source,
+            latency_ms=(time.perf_counter() - ctx.started_at) * 1000, status=200, outcome="cache_hit",
+        )
+
+    def _estimate_body(self, seen: _Seen) -> int:
+        """Completion tokens of a non-streamed answer that came without usage."""
+        if not seen.body:
+            return 0
+        try:
+            obj = json.loads(seen.body)
+            texts = []
+            for c in obj.get("choices") or []:
+                msg = c.get("message") or {}
+                texts.append(c.get("text") or msg.get("content") or "")
+                for tc in msg.get("tool_calls") or []:
+                    texts.append((tc.get("function") or {}).get("arguments") or "")
+            text = " ".join(t for t in texts if isinstance(t, str))
+        except (ValueError, AttributeError, TypeError):
+            return 0
+        if self.prompt_estimator is ESTIMATORS["words"]:
+            return len(text.split())
+        return -(-len(text.encode()) // 4)
+
+
+class _Seen:
+    """What reached the client: content pieces of a stream, or a non-stream body."""
+
+    __slots__ = ("body", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces = 0
+        self.body = b""
+
+
+def _node(target: Target | None, provider: str) -> str | None:
+    node = getattr(target, "node", None)
+    if isinstance(node, str) and node:
+        return node
+    return provider[5:] if provider.startswith("node:") else None
+
+
+# ---------------------------------------------------------------------- builder
+
+
+def default_spill_dir(ledger_url: str) -> Path:
+    """``<tmp>/asgi-llm-spill/<hash of the ledger URL>``: the same for every process
+    writing to one ledger on this machine, so a restart replays what a previous one spilled."""
+    return Path(tempfile.gettempdir()) / "asgi-llm-spill" / hashlib.sha256(ledger_url.encode()).hexdigest()[:16]
+
+
+def shared_sql(parts: BuildParts) -> Any:
+    """The gateway's SQLDatabase (``stores.ledger``), created once and opened at startup."""
+    db = parts.extras.get("sql")
+    if db is None:
+        from asgi_llm.stores.sql import SQLDatabase
+
+        db = parts.extras["sql"] = SQLDatabase(parts.config.stores.ledger)
+        parts.resources.append(db)
+        parts.readiness.append(db.ping)
+    return db
+
+
+def build_usage_layer(parts: BuildParts) -> LayerFactory | None:
+    """``usage.enabled`` → the ledger writer (a resource), admin usage routes, the layer."""
+    cfg = parts.config.usage
+    if not cfg.enabled:
+        return None
+    from asgi_llm.admin.usage import usage_routes
+    from asgi_llm.observability.middleware import shared_observability
+    from asgi_llm.routing.router import Price
+    from asgi_llm.usage.store import SQLLedgerStore
+    from asgi_llm.usage.writer import BatchWriter
+
+    db = shared_sql(parts)
+    store = SQLLedgerStore(db)
+    writer: BatchWriter[LedgerRow] = BatchWriter(
+        "ledger", sink=store.insert_many, encode=LedgerRow.to_json, decode=LedgerRow.from_json,
+        spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
+        batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
+    )
+    parts.resources.append(writer)
+    parts.extras["ledger_store"] = store
+    parts.extras["ledger_writer"] = writer
+    metrics, tracer = shared_observability(parts)
+    if metrics is not None:
+        metrics.watch_writer(writer)
+    pricer = Pricer({k: Price(v.input, v.output, v.cached_input) for k, v in cfg.prices.items()})
+    parts.admin_routes.extend(usage_routes(store, writer))
+    return lambda app: UsageMiddleware(
+        app, sink=writer.put, pricer=pricer, router=parts.router, metrics=metrics, tracer=tracer,
+        prompt_estimator=ESTIMATORS[cfg.prompt_estimate], prompt_content_orgs=cfg.prompt_content_orgs,
+    )

@@ -1,0 +1,128 @@
+"""Prometheus metrics, one :class:`CollectorRegistry` per gateway (tests build many).
+
+Per public model (``model``) and per target (``target`` = route):
+
+* ``asgi_llm_requests_total{endpoint,model,status}``, ``asgi_llm_request_errors_total{endpoint,model,code}``
+* ``asgi_llm_requests_in_flight{endpoint}``
+* ``asgi_llm_request_duration_seconds{endpoint,model}`` (histogram)
+* ``asgi_llm_attempts_total{model,target,outcome}``
+* ``asgi_llm_tokens_total{model,target,type}`` (type: prompt, completion, cached, reasoning)
+* ``asgi_llm_cost_usd_total{model,target}``, ``asgi_llm_cache_hits_total{model}``,
+  ``asgi_llm_cache_saved_usd_total{model}``
+* ``asgi_llm_attempt_duration_seconds{model,target}``, ``asgi_llm_ttft_seconds{model,target}`` (histograms)
+* ``asgi_llm_writer_backlog{writer}``, ``asgi_llm_writer_spilled_total{writer}``,
+  ``asgi_llm_writer_failures_total{writer}`` (the ledger/audit batch writers)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from asgi_llm.usage.records import LedgerRow
+    from asgi_llm.usage.writer import BatchWriter
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    """The gateway's metrics (needs ``prometheus-client``)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("asgi_llm_requests", "Requests by endpoint, public model and status.",
+                                ["endpoint", "model", "status"], registry=r)
+        self.errors = Counter("asgi_llm_request_errors", "Failed requests by error code.",
+                              ["endpoint", "model", "code"], registry=r)
+        self.in_flight = Gauge("asgi_llm_requests_in_flight", "Requests being served.", ["endpoint"], registry=r)
+        self.duration = Histogram("asgi_llm_request_duration_seconds", "Whole-request latency.",
+                                  ["endpoint", "model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.attempts = Counter("asgi_llm_attempts", "Upstream attempts by outcome.",
+                                ["model", "target", "outcome"], registry=r)
+        self.tokens = Counter("asgi_llm_tokens", "Tokens by type.", ["model", "target", "type"], registry=r)
+        self.cost = Counter("asgi_llm_cost_usd", "Cost in USD.", ["model", "target"], registry=r)
+        self.cache_hits = Counter("asgi_llm_cache_hits", "Responses served from the cache.", ["model"], registry=r)
+        self.cache_saved = Counter("asgi_llm_cache_saved_usd", "Cost avoided by cache hits, USD.", ["model"], registry=r)
+        self.attempt_duration = Histogram("asgi_llm_attempt_duration_seconds", "Per-attempt latency.",
+                                          ["model", "target"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("asgi_llm_ttft_seconds", "Time to first token (streams).",
+                              ["model", "target"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._writers: list[BatchWriter[Any]] = []
+        self._children: dict[tuple[str, str], dict[str, Any]] = {}
+        r.register(_WriterCollector(self._writers))
+
+    def watch_writer(self, writer: BatchWriter[Any]) -> None:
+        """Export a batch writer's backlog, spills and failures."""
+        self._writers.append(writer)
+
+    def record_row(self, row: LedgerRow) -> None:
+        """Count one ledger row (one attempt or cache hit)."""
+        if row.outcome == "cache_hit":
+            self.cache_hits.labels(row.model).inc()
+            self.cache_saved.labels(row.model).inc(float(row.saved_usd))
+            return
+        c = self._route_children(row.model, row.route)
+        outcome = c.get(row.outcome)
+        if outcome is None:
+            outcome = c[row.outcome] = self.attempts.labels(row.model, row.route, row.outcome)
+        outcome.inc()
+        if row.prompt_tokens:
+            c["prompt"].inc(row.prompt_tokens)
+        if row.completion_tokens:
+            c["completion"].inc(row.completion_tokens)
+        if row.cached_tokens:
+            c["cached"].inc(row.cached_tokens)
+        if row.reasoning_tokens:
+            c["reasoning"].inc(row.reasoning_tokens)
+        if row.cost_usd:
+            c["cost"].inc(float(row.cost_usd))
+        c["duration"].observe(row.latency_ms / 1000)
+        if row.ttft_ms is not None:
+            c["ttft"].observe(row.ttft_ms / 1000)
+
+    def _route_children(self, model: str, route: str) -> dict[str, Any]:
+        # Resolving labels costs a lock and a tuple hash per call; the (model, route)
+        # pairs are few (the recipe's targets and enrolled nodes), so resolve them once.
+        c = self._children.get((model, route))
+        if c is None:
+            c = self._children[(model, route)] = {
+                **{kind: self.tokens.labels(model, route, kind) for kind in ("prompt", "completion", "cached", "reasoning")},
+                "cost": self.cost.labels(model, route),
+                "duration": self.attempt_duration.labels(model, route),
+                "ttft": self.ttft.labels(model, route),
+            }
+        return c
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _WriterCollector:
+    def __init__(self, writers: list[BatchWriter[Any]]) -> None:
+        self.writers = writers
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        backlog = GaugeMetricFamily("asgi_llm_writer_backlog", "Rows waiting in memory.", labels=["writer"])
+        spilled = CounterMetricFamily("asgi_llm_writer_spilled", "Rows spilled to disk.", labels=["writer"])
+        failures = CounterMetricFamily("asgi_llm_writer_failures", "Failed batch writes (retried).", labels=["writer"])
+        for w in self.writers:
+            backlog.add_metric([w.name], w.backlog)
+            spilled.add_metric([w.name], w.stats["spilled"])
+            failures.add_metric([w.name], w.stats["failures"])
+        yield backlog
+        yield spilled
+        yield failures

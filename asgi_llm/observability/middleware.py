@@ -1,0 +1,138 @@
+"""ObservabilityMiddleware: log context, request span, request metrics, ``GET /metrics``.
+
+It sits right inside ``ContextMiddleware`` (outside audit, auth and quota), so it sees
+every request's final status — rate-limited and denied ones included — and serves
+``/metrics`` without an API key, as Prometheus scrapers expect (restrict it at the
+network edge if needed). Per-attempt metrics (tokens, cost, TTFT) and attempt spans are
+recorded by the usage layer, which knows the attempts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from asgi_llm._asgi import ClientDisconnected
+from asgi_llm.errors import GatewayError
+from asgi_llm.middleware.context import ensure_context
+from asgi_llm.observability import logs
+from asgi_llm.observability.metrics import CONTENT_TYPE, GatewayMetrics
+from asgi_llm.observability.tracing import GatewayTracer
+
+__all__ = ["ObservabilityMiddleware"]
+
+
+class ObservabilityMiddleware:
+    """Bind logs, open the request span, count the request; serve ``metrics_path``.
+
+    Args:
+        metrics: the gateway's metrics (``None``: no metrics and no ``/metrics``).
+        tracer: spans (``None``: no tracing).
+        log_requests: emit one structlog ``request`` event per request.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics | None = None, tracer: GatewayTracer | None = None,
+                 log_requests: bool = False, metrics_path: str = "/metrics") -> None:
+        self.app = app
+        self.metrics = metrics
+        self.tracer = tracer
+        self.log_requests = log_requests
+        self.metrics_path = metrics_path
+        self._log: Any = None
+        if log_requests:
+            import structlog
+
+            self._log = structlog.get_logger("asgi_llm")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx, receive = await ensure_context(scope, receive)
+        if self.metrics is not None and ctx.endpoint == "other" and ctx.path == self.metrics_path \
+                and scope["method"] in ("GET", "HEAD"):
+            body = self.metrics.render()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode()),
+                                    (b"x-request-id", ctx.request_id.encode())]})
+            await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
+            return
+        tokens = logs.bind(request_id=ctx.request_id, endpoint=ctx.endpoint, model=ctx.model)
+        status = 0
+        error: str | None = None
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        m = self.metrics
+        inference = ctx.is_inference
+        if m is not None and inference:
+            m.in_flight.labels(ctx.endpoint).inc()
+        t0 = time.perf_counter()
+        span_cm = self.tracer.request_span(ctx) if self.tracer is not None and inference else None
+        span = span_cm.__enter__() if span_cm is not None else None
+        try:
+            await self.app(scope, receive, send_status)
+        except ClientDisconnected:
+            status, error = 499, "client_disconnected"
+            raise
+        except GatewayError as exc:
+            status, error = status or exc.status_code, exc.code or exc.type
+            raise
+        except BaseException as exc:
+            status, error = status or 500, type(exc).__name__
+            raise
+        finally:
+            elapsed = time.perf_counter() - t0
+            if error is None and ctx.state.get("stream_error"):
+                error = str(ctx.state["stream_error"])
+            if error is None and status >= 400:
+                error = str(status)
+            if m is not None and inference:
+                model = ctx.model or ""
+                m.in_flight.labels(ctx.endpoint).dec()
+                m.requests.labels(ctx.endpoint, model, str(status)).inc()
+                m.duration.labels(ctx.endpoint, model).observe(elapsed)
+                if error is not None:
+                    m.errors.labels(ctx.endpoint, model, error).inc()
+            if span_cm is not None:
+                self.tracer.finish_request(span, ctx, status, error)  # type: ignore[union-attr]
+                span_cm.__exit__(None, None, None)
+            if self._log is not None:
+                self._log.info("request", status=status, org=ctx.principal.org,
+                               route=ctx.target.route if ctx.target else None, attempts=ctx.attempts,
+                               cache=ctx.cache_status, duration_ms=round(elapsed * 1000, 2), error=error,
+                               prompt_tokens=ctx.usage.prompt_tokens if ctx.usage else None,
+                               completion_tokens=ctx.usage.completion_tokens if ctx.usage else None)
+            logs.unbind(tokens)
+
+
+# ---------------------------------------------------------------------- builder
+
+
+def shared_observability(parts: Any) -> tuple[GatewayMetrics | None, GatewayTracer | None]:
+    """The gateway's metrics and tracer (per ``observability`` in the recipe), made once."""
+    if "observability" not in parts.extras:
+        cfg = parts.config.observability
+        metrics = GatewayMetrics() if cfg.metrics else None
+        tracer = GatewayTracer() if cfg.otel else None
+        parts.extras["observability"] = (metrics, tracer)
+        if metrics is not None:
+            parts.extras["metrics"] = metrics
+    return parts.extras["observability"]  # type: ignore[no-any-return]
+
+
+def build_observability_layer(parts: Any) -> Any:
+    """Log binding, request spans and ``/metrics`` (see ``observability`` in the recipe)."""
+    cfg = parts.config.observability
+    if cfg.log_json:
+        from asgi_llm.observability.logs import configure_logging
+
+        configure_logging(json=True)
+    metrics, tracer = shared_observability(parts)
+    return lambda app: ObservabilityMiddleware(app, metrics=metrics, tracer=tracer, log_requests=cfg.log_json)

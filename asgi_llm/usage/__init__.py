@@ -1,0 +1,27 @@
+"""Usage metering: the ledger (one row per attempt), its batch writer, pricing and reports.
+
+* :mod:`~asgi_llm.usage.records` — :class:`LedgerRow`, what one attempt costs.
+* :mod:`~asgi_llm.usage.pricing` — recipe prices, overrides, then ``genai-prices`` (offline).
+* :mod:`~asgi_llm.usage.estimate` — token estimates when an upstream reports no usage.
+* :mod:`~asgi_llm.usage.writer` — :class:`BatchWriter`: bounded queue, batched inserts,
+  retries, spill-to-disk, flush at shutdown.
+* :mod:`~asgi_llm.usage.store` — :class:`SQLLedgerStore` (SQLite / PostgreSQL) and reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BatchWriter", "LedgerRow", "LedgerStore", "PriceQuote", "Pricer", "SQLLedgerStore"]
+
+_LAZY = {"BatchWriter": "writer", "LedgerRow": "records", "LedgerStore": "store", "PriceQuote": "pricing",
+         "Pricer": "pricing", "SQLLedgerStore": "store"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing the package must not import SQLAlchemy (``import asgi_llm`` needs no driver).
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"asgi_llm.usage.{_LAZY[name]}"), name)
+    raise AttributeError(name)

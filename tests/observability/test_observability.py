@@ -1,0 +1,102 @@
+"""Metrics, log binding and spans."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import structlog
+from starlette.types import Receive, Scope, Send
+
+from asgi_llm.context import Attempt, Usage
+from asgi_llm.middleware.context import ContextMiddleware, ensure_context
+from asgi_llm.middleware.errors import ErrorMiddleware
+from asgi_llm.middleware.usage import UsageMiddleware
+from asgi_llm.observability import GatewayMetrics, ObservabilityMiddleware
+from asgi_llm.routing.router import Target
+from tests.harness import call
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"model": "chat", "messages": [{"role": "user", "content": "hi there"}]}
+
+
+def fake_dispatch(seen: dict[str, Any]) -> Any:
+    """Records one successful attempt and the log context it ran in."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        ctx, _ = await ensure_context(scope, receive)
+        seen["log"] = structlog.contextvars.get_contextvars()
+        ctx.target = Target("provider-a", "gpt-4o-mini")
+        a = Attempt(number=1, route=ctx.target.route, provider="provider-a", model="gpt-4o-mini", started_at=ctx.started_at,
+                    status=200, outcome="ok", usage=Usage(prompt_tokens=7, completion_tokens=3), latency_s=0.02,
+                    ttft_s=0.01, response_model="gpt-4o-mini-2024")
+        ctx.attempt_log.append(a)
+        ctx.attempts, ctx.usage = 1, a.usage
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
+def stack(metrics: GatewayMetrics, seen: dict[str, Any], tracer: Any = None) -> Any:
+    rows: list[Any] = []
+    seen["rows"] = rows
+    inner = UsageMiddleware(fake_dispatch(seen), sink=rows.append, metrics=metrics, tracer=tracer)
+    return ErrorMiddleware(ContextMiddleware(ObservabilityMiddleware(inner, metrics=metrics, tracer=tracer)))
+
+
+class TestMetrics:
+    async def test_metrics_endpoint_counts_requests_tokens_cost(self) -> None:
+        """/metrics shows requests, tokens, latency per public model and target (own registry)."""
+        m = GatewayMetrics()
+        seen: dict[str, Any] = {}
+        app = stack(m, seen)
+        await call(app, body=BODY)
+        rec = await call(app, method="GET", path="/metrics")
+        text = rec.body.decode()
+        assert rec.status == 200 and rec.headers["content-type"].startswith("text/plain")
+        assert 'asgi_llm_requests_total{endpoint="chat",model="chat",status="200"} 1.0' in text
+        assert 'asgi_llm_tokens_total{model="chat",target="provider-a/gpt-4o-mini",type="completion"} 3.0' in text
+        assert 'asgi_llm_requests_in_flight{endpoint="chat"} 0.0' in text
+        assert "asgi_llm_ttft_seconds_count" in text
+        assert GatewayMetrics().render() != m.render()  # per-gateway registries
+
+    async def test_log_context_bound_and_restored(self) -> None:
+        """request_id/model/org are bound during the request; a host's own context survives."""
+        m = GatewayMetrics()
+        seen: dict[str, Any] = {}
+        structlog.contextvars.bind_contextvars(host="mine")
+        try:
+            await call(stack(m, seen), body=BODY)
+            assert seen["log"]["model"] == "chat" and seen["log"]["org"] == "default"
+            assert seen["log"]["request_id"].startswith("req_") and seen["log"]["host"] == "mine"
+            assert structlog.contextvars.get_contextvars() == {"host": "mine"}
+        finally:
+            structlog.contextvars.unbind_contextvars("host")
+
+
+class TestTracing:
+    async def test_genai_spans(self) -> None:
+        """One request span and one attempt span with GenAI attributes; none per chunk."""
+        pytest.importorskip("opentelemetry.sdk")
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from asgi_llm.observability import GatewayTracer
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        seen: dict[str, Any] = {}
+        await call(stack(GatewayMetrics(), seen, GatewayTracer(provider)), body=BODY)
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        assert set(spans) == {"chat chat", "chat gpt-4o-mini"}
+        req, att = spans["chat chat"], spans["chat gpt-4o-mini"]
+        assert att.parent is not None and att.parent.span_id == req.context.span_id
+        assert req.attributes["gen_ai.request.model"] == "chat"
+        assert req.attributes["gen_ai.response.model"] == "gpt-4o-mini-2024"
+        assert att.attributes["gen_ai.usage.input_tokens"] == 7 and att.attributes["gen_ai.usage.output_tokens"] == 3
+        assert att.attributes["gen_ai.system"] == "provider-a"
+        provider.shutdown()
