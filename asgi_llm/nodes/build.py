@@ -1,0 +1,78 @@
+"""Recipe → node registry, node API, admin routes, router hooks (called by ``build_gateway``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from asgi_llm.providers.base import Timeouts
+from asgi_llm.routing.router import NodeTargets
+
+if TYPE_CHECKING:
+    from asgi_llm.stack import BuildParts
+
+__all__ = ["build_nodes"]
+
+
+def build_nodes(parts: BuildParts) -> None:
+    """Wire BYOI nodes into the gateway being built.
+
+    Needs the auth layer (enrollment tokens are made with admin keys, and the key ring's
+    pepper hashes node secrets). Adds: the registry (a resource), ``/nodes/...`` and
+    ``/admin/nodes…`` routes, the router's ``node_resolver`` and ``extra_load``, a
+    provider table that finds node adapters, and the ``/nodes/tunnel`` WebSocket handler
+    (``extras["websocket"]``).
+    """
+    from asgi_llm.config import ConfigError
+
+    cfg = parts.config.nodes
+    has_node_targets = any(isinstance(t, NodeTargets) for name in parts.router.model_names()
+                           for t in (parts.router.get(name).targets if parts.router.get(name) else ()))
+    ring = parts.extras.get("keyring")
+    if not cfg.enabled or ring is None:
+        if has_node_targets:
+            why = "nodes.enabled is false" if not cfg.enabled else "auth is off (no auth.admin_keys / auth.keys)"
+            raise ConfigError([("nodes", f"models use node targets but {why}: nodes enroll with tokens made by an admin key")])
+        return
+    if ring.store is None:
+        raise ConfigError([("auth.keys_from_db", "BYOI nodes keep their records in stores.ledger; keys_from_db must be true")])
+    from asgi_llm.admin.nodes import node_admin_routes
+    from asgi_llm.middleware.usage import shared_sql
+    from asgi_llm.nodes.registry import NodeProviders, NodeRegistry
+    from asgi_llm.nodes.routes import node_routes
+    from asgi_llm.nodes.service import NodeService
+    from asgi_llm.nodes.store import SQLNodeStore
+    from asgi_llm.nodes.tunnel import serve_tunnel
+
+    store = SQLNodeStore(shared_sql(parts))
+    registry = NodeRegistry(
+        store,
+        pepper=lambda: ring.pepper,
+        window_s=cfg.heartbeat_window_s,
+        interval_s=cfg.heartbeat_interval_s,
+        timeouts=Timeouts(connect=cfg.connect_timeout_s, attempt=cfg.timeout_s, ttft=cfg.ttft_timeout_s, idle=cfg.idle_timeout_s),
+        transport=parts.transport,
+        health=parts.health,
+    )
+    service = NodeService(store, registry, cfg, reserved_names=set(parts.providers))
+    parts.resources.append(registry)
+    parts.extras["nodes"] = service
+    parts.node_routes.extend(node_routes(service))
+    parts.admin_routes.extend(node_admin_routes(service, ledger=parts.extras.get("ledger_store")))
+    parts.router.node_resolver = registry.resolve
+    previous = parts.router.extra_load
+    if previous is None:
+        parts.router.extra_load = registry.extra_load
+    else:
+        parts.router.extra_load = lambda t: previous(t) + registry.extra_load(t)
+    parts.providers = NodeProviders(parts.providers, registry)
+
+    if cfg.tunnel:
+        async def websocket(scope, receive, send):  # type: ignore[no-untyped-def]
+            if not scope.get("path", "").endswith("/nodes/tunnel"):
+                await receive()
+                await send({"type": "websocket.close", "code": 4404})
+                return
+            await serve_tunnel(scope, receive, send, authenticate=service.try_authenticate,
+                               attach=registry.attach_tunnel, detach=registry.detach_tunnel)
+
+        parts.extras["websocket"] = websocket

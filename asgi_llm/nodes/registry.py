@@ -1,0 +1,334 @@
+"""The live node registry: who is online, what they serve, how busy they are.
+
+Records (name, owner org, credential hash, price, visibility, state) live in SQL and
+are reloaded every heartbeat window, so an admin's cordon or revoke on one replica
+reaches the others. Liveness (last heartbeat, load, open tunnel) is kept in process:
+a node is routable while its last heartbeat is younger than ``window_s``, it is
+``active``, not revoked, inside its availability windows, and has a way in (a URL in
+direct mode, an open tunnel in tunnel mode).
+
+Why not the ``state`` store: its Protocol (:class:`~asgi_llm.stores.state.StateStore`)
+only knows admission counters (reserve/settle), not keyed records; liveness here is per
+replica. Several replicas each see the heartbeats that reach them — agents heartbeat
+through the load balancer, so with N replicas each one sees ~1/N of them; give
+``heartbeat_window_s`` ≥ N × ``heartbeat_interval_s`` (or a sticky LB) until the state
+store grows a key/value ability.
+
+The registry plugs into the gateway three ways: :meth:`resolve` is the router's
+``node_resolver``, :meth:`extra_load` its ``extra_load`` (engine queue depth for
+``least-busy``), and :class:`NodeProviders` lets the dispatcher find a node's adapter
+under the provider name ``node:<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from asgi_llm.nodes.records import CALL_SECRET_HEADER, NodeRecord, call_secret
+from asgi_llm.nodes.tunnel import TunnelConnection, TunnelTransport
+from asgi_llm.providers.base import Timeouts
+from asgi_llm.providers.openai import OpenAIAdapter
+from asgi_llm.providers.transport import TransportName, make_transport
+from asgi_llm.routing.router import NodeTargets, Price, Target
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from asgi_llm.context import RequestContext
+    from asgi_llm.nodes.store import SQLNodeStore
+    from asgi_llm.providers.base import ProviderAdapter
+
+__all__ = ["LiveNode", "NODE_PROVIDER_PREFIX", "NodeProviders", "NodeRegistry", "node_provider"]
+
+logger = logging.getLogger("asgi_llm.nodes")
+
+NODE_PROVIDER_PREFIX = "node:"
+
+
+def node_provider(name: str) -> str:
+    """The provider name a node's targets carry (``node:<name>``; the ledger's ``node`` column)."""
+    return NODE_PROVIDER_PREFIX + name
+
+
+@dataclass
+class LiveNode:
+    """What the gateway knows of a node between heartbeats."""
+
+    last_seen: float = -1e18
+    load: dict[str, float] = field(default_factory=dict)
+    agent_state: str = "ready"
+    tunnel: TunnelConnection | None = None
+    adapter: OpenAIAdapter | None = None
+    adapter_key: tuple[Any, ...] = ()
+
+
+class NodeRegistry:
+    """Node records (from SQL) plus liveness (in process).
+
+    Args:
+        store: the SQL node store.
+        pepper: returns the pepper (the key ring's, known once it started).
+        window_s: a node silent this long leaves routing.
+        timeouts: per-attempt limits for node targets.
+        transport: which HTTP transport direct-mode adapters use.
+        clock: monotonic seconds (inject one in tests).
+    """
+
+    def __init__(
+        self,
+        store: SQLNodeStore,
+        *,
+        pepper: Callable[[], bytes | None],
+        window_s: float = 15.0,
+        interval_s: float = 5.0,
+        timeouts: Timeouts | None = None,
+        transport: TransportName = "auto",
+        clock: Callable[[], float] = time.monotonic,
+        health: Any = None,
+    ) -> None:
+        self.store = store
+        self._pepper = pepper
+        self.window_s = window_s
+        self.interval_s = interval_s
+        self.timeouts = timeouts or Timeouts(connect=3, attempt=120, ttft=60, idle=60)
+        self.transport: TransportName = transport
+        self.clock = clock
+        self.health = health
+        self.records: dict[str, NodeRecord] = {}
+        self.live: dict[str, LiveNode] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, task_group: TaskGroup) -> None:
+        await self.reload()
+        task_group.start_soon(self._refresh_loop)
+
+    async def aclose(self) -> None:
+        for live in self.live.values():
+            if live.adapter is not None:
+                await live.adapter.aclose()
+            if live.tunnel is not None:
+                live.tunnel.close()
+        self.live.clear()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.window_s)
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - a store hiccup must not stop routing
+                logger.exception("node registry: reload from the SQL store failed")
+
+    async def reload(self) -> None:
+        """Re-read every node record (admin changes made on other replicas)."""
+        fresh = {r.id: r for r in await self.store.list()}
+        self.records = fresh
+        for node_id in [n for n in self.live if n not in fresh or fresh[n].revoked_at is not None]:
+            await self.forget(node_id)
+
+    def pepper(self) -> bytes:
+        pepper = self._pepper()
+        if pepper is None:
+            from asgi_llm.errors import ServiceUnavailableError
+
+            raise ServiceUnavailableError("Node enrollment needs the key store's pepper, which is not loaded yet.")
+        return pepper
+
+    # ----------------------------------------------------------------- state
+
+    def put(self, record: NodeRecord) -> None:
+        """Record a new or changed node (after the SQL write)."""
+        self.records[record.id] = record
+
+    async def forget(self, node_id: str) -> None:
+        """Drop a node's liveness: close its tunnel and its connection pool."""
+        live = self.live.pop(node_id, None)
+        if live is None:
+            return
+        if live.tunnel is not None:
+            live.tunnel.close()
+        if live.adapter is not None:
+            await live.adapter.aclose()
+
+    def heartbeat(self, record: NodeRecord, *, load: dict[str, float], agent_state: str) -> LiveNode:
+        """Note a heartbeat: the node is alive now, with this load."""
+        came_back = not self.is_online(record.id)
+        live = self.live.setdefault(record.id, LiveNode())
+        live.last_seen = self.clock()
+        if came_back and self.health is not None:
+            # A node that was away may have tripped its breakers while dying; its return
+            # is as good as a passed probe (half-open: the next request tries it).
+            for m in record.models:
+                self.health.probe_result(f"{node_provider(record.name)}/{m.get('id')}", True)
+        live.load = load
+        live.agent_state = agent_state
+        self._ensure_adapter(record, live)
+        return live
+
+    def attach_tunnel(self, record: NodeRecord, conn: TunnelConnection) -> None:
+        live = self.live.setdefault(record.id, LiveNode())
+        old, live.tunnel = live.tunnel, conn
+        if old is not None and old is not conn:
+            old.close()
+        live.last_seen = self.clock()  # a fresh tunnel is a sign of life
+        self._ensure_adapter(self.records.get(record.id, record), live)
+
+    def detach_tunnel(self, record: NodeRecord, conn: TunnelConnection) -> None:
+        live = self.live.get(record.id)
+        if live is not None and live.tunnel is conn:
+            live.tunnel = None
+
+    def _ensure_adapter(self, record: NodeRecord, live: LiveNode) -> None:
+        key = (record.mode, record.url, record.credential_hash, record.name)
+        if live.adapter is not None and live.adapter_key == key:
+            return
+        old = live.adapter
+        secret = call_secret(self.pepper(), record.id, record.credential_hash)
+        if record.mode == "tunnel":
+            node_id = record.id
+            transport: Any = TunnelTransport(lambda: self._tunnel(node_id), name=record.name)
+            base_url = "http://tunnel/v1"
+        else:
+            transport = make_transport(self.transport, connect_timeout=self.timeouts.connect)
+            base_url = (record.url or "http://invalid").rstrip("/")
+        live.adapter = OpenAIAdapter(node_provider(record.name), base_url=base_url, timeouts=self.timeouts,
+                                     headers={CALL_SECRET_HEADER: secret}, transport=transport)
+        live.adapter_key = key
+        if old is not None:
+            # Closing an in-use pool would cut requests in flight; the old pool is left to
+            # the garbage collector only in the rare case of a URL change.
+            pass
+
+    def _tunnel(self, node_id: str) -> TunnelConnection | None:
+        live = self.live.get(node_id)
+        return live.tunnel if live is not None else None
+
+    # ----------------------------------------------------------------- queries
+
+    def is_online(self, node_id: str) -> bool:
+        live = self.live.get(node_id)
+        return live is not None and self.clock() - live.last_seen <= self.window_s
+
+    def status(self, record: NodeRecord) -> str:
+        """``revoked`` / ``offline`` / ``cordoned`` / ``draining`` / ``paused`` (outside its
+        availability) / ``online``."""
+        if record.revoked_at is not None:
+            return "revoked"
+        if not self.is_online(record.id):
+            return "offline"
+        if record.state != "active":
+            return record.state
+        live = self.live[record.id]
+        if live.agent_state == "draining":
+            return "draining"
+        if record.mode == "tunnel" and (live.tunnel is None or live.tunnel.closed):
+            return "offline"
+        if not record.available_at():
+            return "paused"
+        return "online"
+
+    def routable(self, record: NodeRecord) -> bool:
+        return self.status(record) == "online"
+
+    def describe(self, record: NodeRecord) -> dict[str, Any]:
+        """A record's public JSON plus its live status and load."""
+        live = self.live.get(record.id)
+        out = record.public()
+        out["status"] = self.status(record)
+        out["load"] = dict(live.load) if live is not None else {}
+        out["seconds_since_heartbeat"] = round(self.clock() - live.last_seen, 3) if live is not None and live.last_seen > 0 else None
+        return out
+
+    def by_name(self, name: str) -> NodeRecord | None:
+        for r in self.records.values():
+            if r.name == name:
+                return r
+        return None
+
+    def resolve(self, spec: NodeTargets, ctx: RequestContext) -> list[Target]:
+        """The router's ``node_resolver``: the routable nodes that match ``spec``'s selector,
+        serve its model, and are visible to the caller's org."""
+        org = ctx.principal.org
+        out: list[Target] = []
+        for record in sorted(self.records.values(), key=lambda r: r.name):
+            if not record.visible_to(org) or not _matches(spec.selector, record):
+                continue
+            if not any(m.get("id") == spec.model for m in record.models):
+                continue
+            if not self.routable(record):
+                continue
+            price = spec.price
+            owner_price = record.price_decimal()
+            if owner_price is not None:
+                price = Price(owner_price[0], owner_price[1])
+            window = next((m.get("context_length") for m in record.models if m.get("id") == spec.model), None)
+            out.append(Target(
+                provider=node_provider(record.name), model=spec.model, price=price, weight=spec.weight,
+                context_window=spec.context_window or (window if isinstance(window, int) else None),
+                prefill=spec.prefill, kind="node",
+            ))
+        return out
+
+    def extra_load(self, target: Target) -> float:
+        """Engine signals for ``least-busy``: requests queued at the engine, plus KV-cache use."""
+        if target.kind != "node":
+            return 0.0
+        record = self.by_name(target.provider[len(NODE_PROVIDER_PREFIX):])
+        live = self.live.get(record.id) if record is not None else None
+        if live is None:
+            return 0.0
+        return float(live.load.get("queue_depth", 0.0)) + float(live.load.get("kv_cache_usage", 0.0))
+
+    def adapter(self, provider: str) -> ProviderAdapter | None:
+        if not provider.startswith(NODE_PROVIDER_PREFIX):
+            return None
+        record = self.by_name(provider[len(NODE_PROVIDER_PREFIX):])
+        live = self.live.get(record.id) if record is not None else None
+        return live.adapter if live is not None else None  # type: ignore[return-value]
+
+
+def _matches(selector: str, record: NodeRecord) -> bool:
+    """``any``; ``name:<n>`` or a bare name; ``label:k=v[,k=v…]`` (every pair must match)."""
+    selector = selector.strip()
+    if selector in ("any", "*"):
+        return True
+    if selector.startswith("label:") or selector.startswith("labels:"):
+        pairs = selector.split(":", 1)[1].split(",")
+        for pair in pairs:
+            k, _, v = pair.partition("=")
+            if record.labels.get(k.strip()) != v.strip():
+                return False
+        return True
+    if selector.startswith("name:"):
+        selector = selector[5:]
+    return record.name in {s.strip() for s in selector.split(",")}
+
+
+class NodeProviders(dict):  # type: ignore[type-arg]
+    """The dispatcher's provider table: the recipe's providers, then live node adapters
+    by ``node:<name>``. Iterating sees the recipe's providers only (probes, shutdown)."""
+
+    def __init__(self, static: dict[str, Any], registry: NodeRegistry) -> None:
+        super().__init__(static)
+        self.registry = registry
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        found = super().get(key)
+        if found is not None:
+            return found
+        found = self.registry.adapter(key)
+        return default if found is None else found
+
+    def __missing__(self, key: str) -> Any:
+        found = self.registry.adapter(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+

@@ -1,0 +1,75 @@
+"""The node API, for agents (node credentials, not API keys):
+
+* ``POST /nodes/enroll`` — ``Authorization: Bearer ent-llm-…`` (one-time enrollment token);
+  body ``{"name", "mode": "direct"|"tunnel", "url" (direct), "models": [{"id", "context_length"?, …}],
+  "labels"?, "price"?}`` → ``201 {"node_id", "name", "org", "credential", "call_secret",
+  "heartbeat_interval_s", "heartbeat_window_s", "node"}``.
+* ``POST /nodes/heartbeat`` — ``Bearer nc-llm-…``; body ``{"status": "ready"|"draining",
+  "load": {"in_flight", "queue_depth", "running", "kv_cache_usage"}, "models"?, "mode"?, "url"?}``
+  → ``{"state", "status", …}``.
+* ``POST /nodes/rotate`` — a new credential (and call secret); the old one dies at once.
+* ``GET /nodes/me`` — the node's own record.
+* ``/nodes/tunnel`` (WebSocket) — see :mod:`asgi_llm.nodes.tunnel`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from asgi_llm.context import gateway_headers
+from asgi_llm.errors import InvalidRequestError
+from asgi_llm.middleware.auth import presented_key
+
+if TYPE_CHECKING:
+    from asgi_llm.nodes.service import NodeService
+
+__all__ = ["node_routes"]
+
+
+def _respond(request: Request, body: Any, status: int = 200) -> JSONResponse:
+    headers = {k.decode(): v.decode() for k, v in gateway_headers(request.scope["asgi_llm"])}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidRequestError("The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The body must be a JSON object.")
+    return body
+
+
+def node_routes(service: NodeService) -> list[BaseRoute]:
+    """The ``/nodes/...`` HTTP routes, bound to ``service``."""
+
+    async def enroll(request: Request) -> JSONResponse:
+        return _respond(request, await service.enroll(presented_key(request.scope), await _json(request)), 201)
+
+    async def heartbeat(request: Request) -> JSONResponse:
+        record = await service.authenticate(presented_key(request.scope))
+        return _respond(request, await service.heartbeat(record, await _json(request)))
+
+    async def rotate(request: Request) -> JSONResponse:
+        record = await service.authenticate(presented_key(request.scope))
+        return _respond(request, await service.rotate(record))
+
+    async def me(request: Request) -> JSONResponse:
+        record = await service.authenticate(presented_key(request.scope))
+        return _respond(request, service.registry.describe(record))
+
+    return [
+        Route("/nodes/enroll", enroll, methods=["POST"]),
+        Route("/nodes/heartbeat", heartbeat, methods=["POST"]),
+        Route("/nodes/rotate", rotate, methods=["POST"]),
+        Route("/nodes/me", me, methods=["GET"]),
+    ]

@@ -1,0 +1,260 @@
+"""The tunnel: requests to a node carried over the WebSocket its agent dialed out.
+
+A node behind NAT opens ``ws(s)://gateway/nodes/tunnel`` (``Authorization: Bearer
+<node credential>``) and keeps it open; the gateway multiplexes any number of
+concurrent requests over it, streams included. Framing — one JSON text message per
+frame, ``id`` ties frames to a request::
+
+    gateway → agent   {"type": "request", "id": 7, "method": "POST", "path": "/v1/chat/completions",
+                       "headers": {...}, "body": "<base64>"}
+                      {"type": "cancel", "id": 7}            # the gateway gave up on 7
+    agent → gateway   {"type": "response", "id": 7, "status": 200, "headers": {...}}
+                      {"type": "chunk", "id": 7, "data": "<base64>"}   # as the engine sends them
+                      {"type": "end", "id": 7}
+                      {"type": "error", "id": 7, "message": "..."}
+
+:class:`TunnelTransport` implements the :class:`~asgi_llm.providers.transport.UpstreamTransport`
+Protocol over a :class:`TunnelConnection`, so the OpenAI-compatible adapter (body
+rewriting, usage, stream parsing, timeouts) works unchanged. A dropped WebSocket ends
+every open request with :class:`~asgi_llm.errors.UpstreamConnectionError`, so a
+request not yet committed fails over like any connection reset.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from starlette.types import Receive, Scope, Send
+
+from asgi_llm.errors import UpstreamConnectionError
+
+__all__ = ["TunnelConnection", "TunnelTransport", "decode_body", "encode_body"]
+
+_MAX_BUFFERED_FRAMES = 4096
+
+
+def encode_body(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def decode_body(text: str | None) -> bytes:
+    return b"" if not text else base64.b64decode(text)
+
+
+class _CaseInsensitive(dict[str, str]):
+    def __init__(self, items: Mapping[str, str]) -> None:
+        super().__init__({k.lower(): v for k, v in items.items()})
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+
+class _TunnelResponse:
+    """One tunneled response (the ``UpstreamResponse`` Protocol)."""
+
+    def __init__(self, conn: TunnelConnection, rid: int, status: int, headers: Mapping[str, str],
+                 frames: ObjectReceiveStream[dict[str, Any]], url: str) -> None:
+        self._conn, self._id, self._frames, self._url = conn, rid, frames, url
+        self.status = status
+        self.headers: Mapping[str, str] = _CaseInsensitive(headers)
+        self._done = False
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.iter_chunks()]
+        return b"".join(parts)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        while not self._done:
+            try:
+                frame = await self._frames.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise UpstreamConnectionError(f"The tunnel to {self._url} closed mid-response.") from None
+            kind = frame.get("type")
+            if kind == "chunk":
+                data = decode_body(frame.get("data"))
+                if data:
+                    yield data
+            elif kind == "end":
+                self._done = True
+            elif kind == "error":
+                raise UpstreamConnectionError(f"The node's engine failed mid-response: {frame.get('message', '')}.")
+
+    async def aclose(self) -> None:
+        try:
+            await self._conn.finish(self._id, cancel=not self._done)
+        finally:
+            self._frames.close()
+
+
+class TunnelConnection:
+    """The gateway's side of one agent's WebSocket: sends request frames, routes the
+    agent's frames to the request they belong to.
+
+    Args:
+        send_text: sends one text message on the WebSocket (serialised here).
+    """
+
+    def __init__(self, send_text: Callable[[str], Awaitable[None]], *, name: str = "") -> None:
+        self._send_text = send_text
+        self._lock = anyio.Lock()
+        self._streams: dict[int, ObjectSendStream[dict[str, Any]]] = {}
+        self._next = 0
+        self.name = name
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        async with self._lock:
+            await self._send_text(json.dumps(frame, separators=(",", ":")))
+
+    async def request(self, method: str, path: str, headers: Mapping[str, str], body: bytes | None) -> _TunnelResponse:
+        """Send a request; return once the agent sent the response head."""
+        if self.closed:
+            raise UpstreamConnectionError(f"The tunnel to node {self.name!r} is closed.")
+        self._next += 1
+        rid = self._next
+        tx, rx = anyio.create_memory_object_stream[dict[str, Any]](max_buffer_size=_MAX_BUFFERED_FRAMES)
+        self._streams[rid] = tx
+        ok = False
+        try:
+            try:
+                await self._send({"type": "request", "id": rid, "method": method, "path": path,
+                                  "headers": dict(headers), "body": encode_body(body)})
+            except Exception as exc:  # the socket went away while we were writing
+                raise UpstreamConnectionError(f"Could not write to the tunnel of node {self.name!r}: {exc}.") from exc
+            try:
+                head = await rx.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise UpstreamConnectionError(f"The tunnel to node {self.name!r} closed before a response.") from None
+            if head.get("type") == "error":
+                raise UpstreamConnectionError(f"Node {self.name!r} could not reach its engine: {head.get('message', '')}.")
+            if head.get("type") != "response":
+                raise UpstreamConnectionError(f"Node {self.name!r} sent an unexpected tunnel frame {head.get('type')!r}.")
+            ok = True
+            return _TunnelResponse(self, rid, int(head.get("status", 502)), head.get("headers") or {}, rx,
+                                   f"node {self.name!r}")
+        finally:
+            if not ok:
+                await self.finish(rid, cancel=True)
+                rx.close()
+
+    async def finish(self, rid: int, *, cancel: bool) -> None:
+        """Forget request ``rid``; tell the agent to stop it when it is not complete."""
+        tx = self._streams.pop(rid, None)
+        if tx is None:
+            return
+        tx.close()
+        if cancel and not self.closed:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:
+                    await self._send({"type": "cancel", "id": rid})
+                except Exception:  # noqa: BLE001 - the socket is gone; nothing left to cancel
+                    pass
+
+    def feed(self, frame: dict[str, Any]) -> None:
+        """Route one frame from the agent (called by the WebSocket reader)."""
+        rid = frame.get("id")
+        tx = self._streams.get(rid) if isinstance(rid, int) else None
+        if tx is None:
+            return  # a request we already gave up on
+        try:
+            tx.send_nowait(frame)
+        except anyio.WouldBlock:
+            # The consumer fell hopelessly behind: fail this request, not the whole tunnel.
+            self._streams.pop(rid, None)
+            tx.close()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._streams.pop(rid, None)
+
+    def close(self) -> None:
+        """The WebSocket is gone: every open request ends with a connection error."""
+        self.closed = True
+        for tx in self._streams.values():
+            tx.close()
+        self._streams.clear()
+
+
+class TunnelTransport:
+    """``UpstreamTransport`` over whichever tunnel the node currently has open.
+
+    Args:
+        lookup: returns the node's live :class:`TunnelConnection` (or ``None``).
+        name: the node's name, for messages.
+    """
+
+    def __init__(self, lookup: Callable[[], TunnelConnection | None], *, name: str) -> None:
+        self._lookup = lookup
+        self.name = name
+
+    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> Any:
+        conn = self._lookup()
+        if conn is None or conn.closed:
+            raise UpstreamConnectionError(f"Node {self.name!r} has no open tunnel.")
+        path = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+        return await conn.request(method, path, headers, body)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def serve_tunnel(scope: Scope, receive: Receive, send: Send, *,
+                       authenticate: Callable[[str | None], Awaitable[Any]],
+                       attach: Callable[[Any, TunnelConnection], None],
+                       detach: Callable[[Any, TunnelConnection], None]) -> None:
+    """The ASGI WebSocket endpoint ``/nodes/tunnel``: authenticate the node credential,
+    accept, and feed frames to a :class:`TunnelConnection` until the socket closes."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    token = None
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"authorization":
+            scheme, _, rest = v.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                token = rest.strip() or None
+    node = await authenticate(token)
+    if node is None:
+        await send({"type": "websocket.close", "code": 4401, "reason": "invalid or revoked node credential"})
+        return
+    await send({"type": "websocket.accept"})
+
+    async def send_text(text: str) -> None:
+        await send({"type": "websocket.send", "text": text})
+
+    conn = TunnelConnection(send_text, name=getattr(node, "name", ""))
+    attach(node, conn)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text")
+            if text is None and message.get("bytes") is not None:
+                text = message["bytes"].decode()
+            if not text:
+                continue
+            try:
+                frame = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(frame, dict):
+                conn.feed(frame)
+    finally:
+        conn.close()
+        detach(node, conn)
+
+
