@@ -66,6 +66,12 @@ def serve(
 
     path = (config or default_recipe()).resolve()
     gateway = _load(path)  # validate before forking workers: fail fast, with the key's path
+    if workers > 1 and gateway.extras.get("state_url", "memory://").startswith("memory://"):
+        typer.echo(
+            f"asgi-llm: warning: {workers} workers with stores.state memory:// — each worker enforces its own "
+            "rate limits, breakers and cache; use redis:// for limits that are exact across workers.",
+            err=True,
+        )
     opts = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop="auto", http="auto",
                 timeout_graceful_shutdown=30)
     if workers == 1:
@@ -90,6 +96,34 @@ def demo(
     from asgi_llm.demo import run_demo
 
     raise typer.Exit(run_demo(keep_running=keep_running))
+
+
+def _add_keys_app() -> None:
+    from asgi_llm.auth.cli import keys_app
+
+    app.add_typer(keys_app, name="keys")
+
+
+_add_keys_app()
+
+
+def _add_usage_apps() -> None:
+    from asgi_llm.usage.cli import audit_app, usage_app
+
+    app.add_typer(usage_app, name="usage")
+    app.add_typer(audit_app, name="audit")
+
+
+_add_usage_apps()
+
+
+def _add_node_app() -> None:
+    from asgi_llm.nodes.cli import node_app
+
+    app.add_typer(node_app, name="node")
+
+
+_add_node_app()
 
 
 def main() -> None:

@@ -67,17 +67,23 @@ from pydantic import (
 __all__ = [
     "AuthConfig",
     "CacheConfig",
+    "CacheRuleConfig",
     "ConfigError",
     "GatewayConfig",
     "KeyLimits",
     "LimitsConfig",
     "ModelConfig",
+    "NodesConfig",
+    "ObservabilityConfig",
     "Price",
     "ProviderConfig",
+    "RoutingConfig",
+    "RoutingRule",
     "ServerConfig",
     "StaticKey",
     "StoresConfig",
     "TargetConfig",
+    "UsageConfig",
     "config_from_dict",
     "load_config",
     "parse_config",
@@ -190,6 +196,7 @@ class TargetConfig(BaseModel):
     price: Price | None = Field(None, description="for cost accounting and the `cheapest` strategy")
     weight: float = Field(1.0, gt=0, description="relative share for the `weighted` strategy")
     context_window: int | None = Field(None, gt=0, description="max tokens (prompt + completion)")
+    prefill: bool = Field(True, description="accepts a trailing assistant message (prefill); false = never sent one")
 
     @model_validator(mode="after")
     def _exactly_one_backend(self) -> TargetConfig:
@@ -237,6 +244,9 @@ class StoresConfig(BaseModel):
     state: str = Field("memory://", description="rate-limit/routing state: memory:// or redis(s)://")
     cache: str = Field("memory://", description="response cache: memory:// or redis(s)://")
     ledger: str = Field("sqlite:///asgi-llm.db", description="usage ledger: sqlite:// or postgresql://")
+    state_failure: Literal["closed", "open"] = Field(
+        "closed", description="when the state store is unreachable: refuse with 503 (closed) or admit unlimited (open)"
+    )
 
     @field_validator("state", "cache", "ledger")
     @classmethod
@@ -267,6 +277,7 @@ class StaticKey(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["*"], description='public models allowed; "*" = all')
     limits: KeyLimits = Field(default_factory=KeyLimits, description="per-key limits")
     scopes: list[_SCOPE] = Field(default_factory=lambda: ["inference"], description="what the key may do")
+    model_limits: dict[str, KeyLimits] = Field(default_factory=dict, description="limits per public model, for this key")
 
 
 class AuthConfig(BaseModel):
@@ -277,6 +288,8 @@ class AuthConfig(BaseModel):
     admin_keys: list[_SECRET] = Field(default_factory=list, description="keys for /admin (min 8 chars)")
     keys: list[StaticKey] = Field(default_factory=list, description="static client keys")
     pepper: str | None = Field(None, description="secret mixed into stored key hashes")
+    keys_from_db: bool = Field(True, description="also accept keys created via the admin API (stored in stores.ledger)")
+    cache_ttl_s: float = Field(10, ge=0, description="seconds a stored key's lookup is cached (revocation latency)")
 
     @model_validator(mode="after")
     def _no_duplicate_keys(self) -> AuthConfig:
@@ -301,6 +314,19 @@ class LimitsConfig(BaseModel):
     model_config = _MODEL_CONFIG
 
     org: KeyLimits = Field(default_factory=KeyLimits, description="applied to each org as a whole")
+    default_max_tokens: int = Field(
+        4096, ge=1, description="completion tokens reserved when a request sets no max_tokens"
+    )
+
+
+class CacheRuleConfig(BaseModel):
+    """Cache settings for one model or one org; unset fields inherit (org > model > default)."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool | None = Field(None, description="cache this model's / org's requests")
+    ttl_s: float | None = Field(None, gt=0, description="entry lifetime, seconds")
+    cache_nondeterministic: bool | None = Field(None, description="also cache sampled or n > 1 requests")
 
 
 class CacheConfig(BaseModel):
@@ -312,6 +338,14 @@ class CacheConfig(BaseModel):
     ttl_s: float = Field(300, gt=0, description="entry lifetime, seconds")
     max_entries: int = Field(10_000, ge=1, description="max number of cached responses")
     max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="max total size of cached responses")
+    max_ttl_s: float = Field(86_400, gt=0, description="upper bound on a lifetime a client asks for, seconds")
+    partition: Literal["org", "key"] = Field("org", description="entries shared per org, or per API key")
+    cache_nondeterministic: bool = Field(
+        False, description="also cache requests that sample (temperature > 0 without seed) or ask for n > 1"
+    )
+    wait_s: float = Field(30, ge=0, description="single flight: max wait for an identical request in flight (0 = off)")
+    models: dict[str, CacheRuleConfig] = Field(default_factory=dict, description="rules by public model name")
+    orgs: dict[str, CacheRuleConfig] = Field(default_factory=dict, description="rules by org")
 
 
 class ServerConfig(BaseModel):
@@ -321,6 +355,104 @@ class ServerConfig(BaseModel):
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(600, gt=0, description="whole request, including failover, seconds")
+
+
+class UsageConfig(BaseModel):
+    """The usage ledger and audit log writers (one ledger row per attempt)."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(True, description="meter every attempt into the ledger (stores.ledger)")
+    audit: bool = Field(True, description="write the hash-chained audit log (stores.ledger)")
+    queue_max: int = Field(100_000, ge=1, description="rows held in memory before spilling to disk")
+    batch_size: int = Field(500, ge=1, description="rows per INSERT batch")
+    flush_interval_s: float = Field(0.2, gt=0, description="max seconds a row waits before a flush")
+    shutdown_timeout_s: float = Field(10, gt=0, description="flush time at shutdown; the rest is spilled")
+    spill_dir: str | None = Field(None, description="where rows go when the queue is full or the store is down")
+    prompt_estimate: Literal["chars", "words"] = Field(
+        "chars", description="prompt-token heuristic when an upstream reports no usage (rows flagged estimated)"
+    )
+    prompt_content_orgs: list[str] = Field(
+        default_factory=list, description="orgs that opted in to storing prompt text with the prompt hash"
+    )
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="price overrides by route (provider/model or node/model) or model name"
+    )
+
+
+class ObservabilityConfig(BaseModel):
+    """Logs, metrics and traces."""
+
+    model_config = _MODEL_CONFIG
+
+    metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics")
+    log_json: bool = Field(False, description="configure structlog to print JSON lines (serve)")
+    otel: bool = Field(False, description="OpenTelemetry spans (needs the [otel] extra)")
+
+
+class RuleMatch(BaseModel):
+    """When a routing rule applies: every given condition must hold (lists: any of)."""
+
+    model_config = _MODEL_CONFIG
+
+    org: list[str] | None = Field(None, description="caller's org is one of these")
+    key: list[str] | None = Field(None, description="caller's key id or name is one of these")
+    model: list[str] | None = Field(None, description="public model is one of these")
+    header: dict[str, str] | None = Field(None, description="request headers equal (names case-insensitive)")
+    metadata: dict[str, str | int | float | bool] | None = Field(None, description="request `metadata` fields equal")
+
+
+class RoutingRule(BaseModel):
+    """A routing rule: when ``match`` holds, choose a strategy and/or filter targets."""
+
+    model_config = _MODEL_CONFIG
+
+    name: str | None = Field(None, description="shown in plan explanations")
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    strategy: Literal["priority", "weighted", "cheapest", "fastest", "least-busy"] | None = None
+    only: list[str] | None = Field(None, description="keep only targets whose provider (or route, or 'nodes') is listed")
+    exclude: list[str] | None = Field(None, description="drop targets whose provider (or route, or 'nodes') is listed")
+    allow_fallbacks: bool | None = Field(None, description="false: only the first target is tried")
+
+
+class HealthConfig(BaseModel):
+    """Circuit breakers and active probes."""
+
+    model_config = _MODEL_CONFIG
+
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
+    cooldown_s: float = Field(30, gt=0, description="how long a breaker stays open (doubles on re-open)")
+    max_cooldown_s: float = Field(300, gt=0, description="cap on the doubling")
+    probe_interval_s: float = Field(10, ge=0, description="free GET /models probes of open breakers; 0 = off")
+
+
+class RoutingConfig(BaseModel):
+    """Failover policy and routing rules."""
+
+    model_config = _MODEL_CONFIG
+
+    rules: list[RoutingRule] = Field(default_factory=list, description="first matching rule applies")
+    max_attempts: int = Field(4, ge=1, description="attempts per request across all targets")
+    retries_per_target: int = Field(1, ge=0, description="extra tries on the same target for 5xx/resets")
+    max_retry_wait_s: float = Field(5, ge=0, description="longest Retry-After worth waiting for when no other target is left")
+    health: HealthConfig = Field(default_factory=HealthConfig)
+
+
+class NodesConfig(BaseModel):
+    """BYOI nodes: enrollment, heartbeats, connectivity (see ``asgi_llm.nodes``)."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(True, description="accept node enrollment (needs auth: tokens are made with an admin key)")
+    heartbeat_interval_s: float = Field(5, gt=0, description="how often agents heartbeat, seconds")
+    heartbeat_window_s: float = Field(15, gt=0, description="a node silent this long leaves routing, seconds")
+    token_ttl_s: float = Field(600, gt=0, description="default lifetime of an enrollment token, seconds")
+    max_token_ttl_s: float = Field(86_400, gt=0, description="longest enrollment-token lifetime an admin may ask for")
+    tunnel: bool = Field(True, description="accept agents that dial in over a WebSocket (/nodes/tunnel)")
+    timeout_s: float = Field(120, gt=0, description="per-attempt timeout for node targets, seconds")
+    ttft_timeout_s: float = Field(60, gt=0, description="streams: max seconds to the first token from a node")
+    connect_timeout_s: float = Field(3, gt=0, description="TCP connect timeout to a direct node, seconds")
+    idle_timeout_s: float = Field(60, gt=0, description="streams: max silence between chunks from a node")
 
 
 class GatewayConfig(BaseModel):
@@ -335,6 +467,10 @@ class GatewayConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    nodes: NodesConfig = Field(default_factory=NodesConfig)
 
     def model_names(self) -> list[str]:
         """The public model names, sorted."""
@@ -354,6 +490,9 @@ class GatewayConfig(BaseModel):
                     problems.append((("models", name, "targets", i, "provider"),
                                      f"unknown provider {target.provider!r} (known: {known_providers})"))
         known_models = ", ".join(self.model_names())
+        for model_name in self.cache.models:
+            if model_name not in self.models:
+                problems.append((("cache", "models"), f"unknown model {model_name!r} (known: {known_models})"))
         for i, key in enumerate(self.auth.keys):
             for j, model_name in enumerate(key.models):
                 if model_name != "*" and model_name not in self.models:

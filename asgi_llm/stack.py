@@ -27,11 +27,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from asgi_llm.admin import AdminApp
 from asgi_llm.dispatch import DispatchApp
 from asgi_llm.endpoints import GatewayEndpoints, ReadinessCheck
+from asgi_llm.middleware.audit import build_audit_layer
+from asgi_llm.middleware.auth import build_auth_layer
+from asgi_llm.middleware.cache import build_cache_layer
 from asgi_llm.middleware.context import DEFAULT_MAX_BODY_BYTES, ContextMiddleware
 from asgi_llm.middleware.errors import ErrorMiddleware
+from asgi_llm.middleware.quota import build_quota_layer
+from asgi_llm.middleware.usage import build_usage_layer
+from asgi_llm.observability.middleware import build_observability_layer
 from asgi_llm.providers.base import ProviderAdapter, Timeouts
+from asgi_llm.providers.anthropic import AnthropicAdapter
 from asgi_llm.providers.openai import OpenAIAdapter
 from asgi_llm.providers.transport import TransportName, make_transport
+from asgi_llm.middleware.failover import FailoverMiddleware, FailoverPolicy
+from asgi_llm.routing.explain import explain_route
+from asgi_llm.routing.health import BreakerPolicy, HealthTracker
+from asgi_llm.routing.probes import HealthProber
+from asgi_llm.nodes.selector import NodeSelector
 from asgi_llm.routing.router import ModelRoute, Price, Router, Target
 
 if TYPE_CHECKING:
@@ -48,7 +60,7 @@ __all__ = [
     "gateway_lifespan",
 ]
 
-LAYERS: tuple[str, ...] = ("errors", "context", "audit", "auth", "quota", "usage", "cache", "failover")
+LAYERS: tuple[str, ...] = ("errors", "context", "observability", "audit", "auth", "quota", "usage", "cache", "failover")
 """Every layer's name, outermost first. The order is fixed."""
 
 LayerFactory = Callable[[ASGIApp], ASGIApp]
@@ -98,6 +110,9 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+            return
+        if scope["type"] == "websocket" and "websocket" in self.extras:
+            await self.extras["websocket"](scope, receive, send)  # /nodes/tunnel (asgi_llm.nodes)
             return
         await self.app(scope, receive, send)
 
@@ -173,6 +188,7 @@ def compose(
     extras: Mapping[str, Any] | None = None,
     admin_routes: Sequence[BaseRoute] = (),
     node_routes: Sequence[BaseRoute] = (),
+    health: HealthTracker | None = None,
 ) -> Gateway:
     """Compose the pipeline from ready-made parts (what :func:`build_gateway` calls).
 
@@ -186,7 +202,7 @@ def compose(
         raise ValueError(f"unknown layer(s) {sorted(unknown)}; layers are {', '.join(LAYERS)}")
     if {"errors", "context"} & (set(exclude) | set(layers)):
         raise ValueError("the 'errors' and 'context' layers are the gateway's frame: they cannot be excluded or replaced")
-    inference: ASGIApp = DispatchApp(providers=providers, router=router)
+    inference: ASGIApp = DispatchApp(providers=providers, router=router, health=health)
     admin = AdminApp(admin_routes=admin_routes, node_routes=node_routes)
     app: ASGIApp = GatewayEndpoints(inference=inference, router=router, readiness=readiness, admin=admin)
     for name in reversed(LAYERS[2:]):
@@ -210,6 +226,7 @@ class BuildParts:
     config: GatewayConfig
     router: Router
     providers: dict[str, ProviderAdapter]
+    health: HealthTracker
     transport: TransportName = "auto"
     resources: list[Resource] = field(default_factory=list)
     readiness: list[ReadinessCheck] = field(default_factory=list)
@@ -220,8 +237,29 @@ class BuildParts:
 
 LayerBuilder = Callable[[BuildParts], "LayerFactory | None"]
 
+def build_failover_layer(parts: BuildParts) -> LayerFactory:
+    """Failover is always on: a plan of one target still gets the commit point and retries."""
+    rc = parts.config.routing
+    policy = FailoverPolicy(
+        max_attempts=rc.max_attempts,
+        retries_per_target=rc.retries_per_target,
+        max_retry_wait_s=rc.max_retry_wait_s,
+        request_timeout_s=parts.config.server.request_timeout_s,
+    )
+    parts.admin_routes.append(explain_route(parts.router))
+    return lambda app: FailoverMiddleware(app, router=parts.router, policy=policy)
+
+
 # name → builder, one per layer module (each module owns its recipe → layer mapping).
-_LAYER_BUILDERS: dict[str, LayerBuilder] = {}
+_LAYER_BUILDERS: dict[str, LayerBuilder] = {
+    "observability": build_observability_layer,
+    "audit": build_audit_layer,
+    "auth": build_auth_layer,
+    "quota": build_quota_layer,
+    "usage": build_usage_layer,
+    "cache": build_cache_layer,
+    "failover": build_failover_layer,
+}
 
 
 def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", exclude: Collection[str] = ()) -> Gateway:
@@ -235,31 +273,52 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
     problems = _unsupported(config)
     if problems:
         raise ConfigError(problems)
+    rc = config.routing
+    health = HealthTracker(
+        BreakerPolicy(
+            failure_threshold=rc.health.failure_threshold,
+            cooldown_s=rc.health.cooldown_s,
+            max_cooldown_s=rc.health.max_cooldown_s,
+        )
+    )
     providers: dict[str, ProviderAdapter] = {}
     for name, p in config.providers.items():
         timeouts = Timeouts(connect=p.connect_timeout_s, attempt=p.timeout_s, ttft=p.ttft_timeout_s, idle=p.idle_timeout_s)
-        providers[name] = OpenAIAdapter(
+        adapter_cls = AnthropicAdapter if p.kind == "anthropic" else OpenAIAdapter
+        providers[name] = adapter_cls(
             name,
             base_url=p.base_url,
             api_keys=p.api_keys,
             timeouts=timeouts,
             headers=p.headers,
             transport=make_transport(transport, max_connections=p.max_connections, connect_timeout=p.connect_timeout_s),
+            health=health,
         )
     routes = []
     for name, m in config.models.items():
         targets = tuple(
-            Target(
-                provider=t.provider or "",
+            (NodeSelector if t.nodes is not None else Target)(  # type: ignore[operator]
+                t.nodes if t.nodes is not None else (t.provider or ""),
                 model=t.model,
                 price=Price(t.price.input, t.price.output, t.price.cached_input) if t.price else None,
                 weight=t.weight,
                 context_window=t.context_window,
+                prefill=t.prefill,
             )
             for t in m.targets
         )
         routes.append(ModelRoute(name=name, targets=targets, strategy=m.strategy))
-    parts = BuildParts(config=config, router=Router(routes), providers=providers, transport=transport)
+    router = Router(routes, rules=rc.rules, health=health, key_ids={n: a.keys.ids for n, a in providers.items()})
+    parts = BuildParts(config=config, router=router, providers=providers, health=health, transport=transport)
+    parts.extras["health"] = health
+    parts.extras["state_url"] = config.stores.state
+    if rc.health.probe_interval_s > 0:
+        parts.resources.append(HealthProber(providers, health, interval_s=rc.health.probe_interval_s))
+    if config.stores.state.startswith(("redis://", "rediss://")):
+        # Replicas share breaker transitions (reads stay local; see routing/shared_health.py).
+        from asgi_llm.routing.shared_health import SharedHealth
+
+        parts.resources.append(SharedHealth(config.stores.state, health))
     layers: dict[str, LayerFactory] = {}
     for name, builder in _LAYER_BUILDERS.items():
         if name in exclude:
@@ -267,8 +326,11 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
         factory = builder(parts)
         if factory is not None:
             layers[name] = factory
+    from asgi_llm.nodes.build import build_nodes
+
+    build_nodes(parts)  # BYOI nodes: registry, /nodes + /admin/nodes routes, router hooks
     return compose(
-        providers=providers,
+        providers=parts.providers,
         router=parts.router,
         layers=layers,
         resources=parts.resources,
@@ -278,25 +340,11 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
         extras=parts.extras,
         admin_routes=parts.admin_routes,
         node_routes=parts.node_routes,
+        health=health,
     )
 
 
 def _unsupported(config: GatewayConfig) -> list[tuple[str, str]]:
     """Recipe settings that this build accepts in the schema but cannot enforce yet."""
     out: list[tuple[str, str]] = []
-    for name, p in config.providers.items():
-        if p.kind != "openai":
-            out.append((f"providers.{name}.kind", f"provider kind '{p.kind}' is not available in this version (only 'openai')"))
-    for name, m in config.models.items():
-        if m.strategy != "priority":
-            out.append((f"models.{name}.strategy", f"strategy '{m.strategy}' is not available in this version (only 'priority')"))
-        for i, t in enumerate(m.targets):
-            if t.nodes is not None:
-                out.append((f"models.{name}.targets[{i}].nodes", "node targets are not available in this version"))
-    if config.auth.keys or config.auth.admin_keys:
-        out.append(("auth", "API keys are not enforced by this version; remove them rather than run unprotected believing otherwise"))
-    if any(v is not None for v in config.limits.org.model_dump().values()):
-        out.append(("limits.org", "limits are not enforced by this version"))
-    if config.cache.enabled:
-        out.append(("cache.enabled", "the response cache is not available in this version"))
     return out

@@ -53,7 +53,7 @@ def upstream_b(_upstream_b: FakeUpstreamHandle) -> Iterator[FakeUpstreamHandle]:
     _upstream_b.reset()
 
 
-def gateway_recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle) -> str:
+def gateway_recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle, ledger: Path | str = ":memory:") -> str:
     """The recipe the e2e gateway serves. ``tight`` shares provider A's server with
     short limits, for timeout tests."""
     return textwrap.dedent(
@@ -64,6 +64,7 @@ def gateway_recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle) -> str:
           tight:      {{base_url: "{a.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-a']}"], timeout_s: 1.5, ttft_timeout_s: 1, idle_timeout_s: 1}}
           nowhere:    {{base_url: "http://127.0.0.1:{free_port()}/v1", connect_timeout_s: 1}}
           badkey:     {{base_url: "{a.base_url}", api_keys: ["sk-wrong"]}}
+          limited:    {{base_url: "{a.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-a']}"]}}
         models:
           chat:     {{targets: [{{provider: provider-a, model: gpt-4o-mini}}]}}
           chat-b:   {{targets: [{{provider: provider-b, model: llama-3.1-8b}}]}}
@@ -71,7 +72,12 @@ def gateway_recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle) -> str:
           tight:    {{targets: [{{provider: tight, model: tight-model}}]}}
           nowhere:  {{targets: [{{provider: nowhere, model: x}}]}}
           badkey:   {{targets: [{{provider: badkey, model: x}}]}}
+          limited:  {{targets: [{{provider: limited, model: limited-model}}]}}
         server: {{max_body_bytes: 65536}}
+        stores: {{ledger: "sqlite:///{ledger}"}}
+        # Shared by many tests: breakers would carry one test's failures into the next.
+        # Breaker behaviour is tested with gateways of its own (tests/e2e/test_failover.py).
+        routing: {{health: {{failure_threshold: 1000000, probe_interval_s: 0}}}}
         """
     )
 
@@ -80,7 +86,7 @@ def gateway_recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle) -> str:
 def gateway_url(_upstream_a: FakeUpstreamHandle, _upstream_b: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real gateway process (``asgi-llm serve``) in front of the fake upstreams; yields its ``/v1`` URL."""
     recipe = tmp_path_factory.mktemp("gateway") / "recipe.yaml"
-    recipe.write_text(gateway_recipe(_upstream_a, _upstream_b))
+    recipe.write_text(gateway_recipe(_upstream_a, _upstream_b, recipe.parent / "ledger.db"))
     port = free_port()
     args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
     with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway"):

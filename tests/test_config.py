@@ -348,12 +348,9 @@ class TestUnknownKeys:
         """An unknown top-level key lists the allowed top-level keys."""
         with pytest.raises(ConfigError) as exc_info:
             config_from_dict(with_(MINIMAL, frobnicate=1), environ={})
-        assert exc_info.value.problems == [
-            (
-                "frobnicate",
-                "unknown key 'frobnicate' (allowed: auth, cache, limits, models, providers, server, stores)",
-            )
-        ]
+        allowed = ", ".join(sorted(GatewayConfig.model_fields))  # every section, as the schema grows
+        assert "models" in allowed and "providers" in allowed
+        assert exc_info.value.problems == [("frobnicate", f"unknown key 'frobnicate' (allowed: {allowed})")]
 
     def test_deep_in_target_price(self) -> None:
         """An unknown key deep in a target's price names the full path."""

@@ -52,4 +52,9 @@ class AdminApp:
 
 def _relative(scope: Scope, path: str) -> Scope:
     # Route on the mount-relative path so a gateway mounted at /llm still matches /admin/...
-    return {**scope, "path": path, "root_path": ""}
+    # "app" makes Starlette raise HTTPException (405 on a wrong method) instead of
+    # answering plain text; the error layer renders it in OpenAI's shape.
+    return {**scope, "path": path, "root_path": "", "app": _ROUTER_APP}
+
+
+_ROUTER_APP = object()

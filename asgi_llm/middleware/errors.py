@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import JSON_HEADERS, ClientDisconnected, send_bytes
 from asgi_llm._sse import encode_json
 from asgi_llm.context import gateway_headers, get_context
-from asgi_llm.errors import GatewayError
+from asgi_llm.errors import GatewayError, InvalidRequestError
 
 __all__ = ["ErrorMiddleware"]
 
@@ -93,6 +94,14 @@ class _ResponseState:
 def _find_gateway_error(exc: BaseException) -> GatewayError | None:
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, StarletteHTTPException):  # from admin/node routes (e.g. wrong method)
+        err = InvalidRequestError(
+            exc.detail if isinstance(exc.detail, str) else "HTTP error",
+            status_code=exc.status_code,
+            code="method_not_allowed" if exc.status_code == 405 else None,
+            headers=dict(exc.headers or {}),
+        )
+        return err
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
             found = _find_gateway_error(sub)

@@ -32,7 +32,8 @@ class KeyPool:
 
     def __init__(self, provider: str, keys: Sequence[str], *, health: HealthTracker | None = None) -> None:
         self.provider = provider
-        self._keys = list(keys)
+        # Empty entries are dropped, so a recipe can list optional keys as ${KEY_2:-}.
+        self._keys = [k for k in keys if k]
         self.ids = [f"k{i}" for i in range(len(self._keys))]
         self.health = health
         self._next = 0

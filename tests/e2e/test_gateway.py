@@ -184,7 +184,7 @@ class TestOtherEndpoints:
     def test_models_list_and_retrieve(self, client: openai.OpenAI) -> None:
         """GET /v1/models lists the public names; retrieve finds one and 404s an unknown one."""
         names = sorted(m.id for m in client.models.list())
-        assert names == ["badkey", "chat", "chat-b", "embed", "nowhere", "tight"]
+        assert names == ["badkey", "chat", "chat-b", "embed", "limited", "nowhere", "tight"]
         model = client.models.retrieve("chat")
         assert isinstance(model, Model) and model.id == "chat"
         with pytest.raises(openai.NotFoundError):
@@ -275,9 +275,11 @@ class TestBadInput:
 
 
 class TestUpstreamFaults:
+    """A single target that keeps failing: the client gets a clean, bounded error."""
+
     def test_garbage_is_502(self, client: openai.OpenAI, upstream_a: FakeUpstreamHandle) -> None:
         """An upstream answering HTML with 200 is a 502 naming the route, never a success."""
-        upstream_a.add_faults({"kind": "garbage"})
+        upstream_a.add_faults({"kind": "garbage", "times": None})
         with pytest.raises(openai.APIStatusError) as exc:
             client.chat.completions.create(model="chat", messages=MESSAGES)
         assert exc.value.status_code == 502
@@ -286,17 +288,23 @@ class TestUpstreamFaults:
 
     def test_upstream_500_is_502(self, client: openai.OpenAI, upstream_a: FakeUpstreamHandle) -> None:
         """An upstream 5xx is reported as 502 with the upstream's message."""
-        upstream_a.add_faults({"kind": "status", "status": 500, "message": "kaboom"})
+        upstream_a.add_faults({"kind": "status", "status": 500, "message": "kaboom", "times": None})
         with pytest.raises(openai.APIStatusError) as exc:
             client.chat.completions.create(model="chat", messages=MESSAGES)
         assert exc.value.status_code == 502 and "kaboom" in exc.value.message
 
     def test_upstream_429_keeps_retry_after(self, client: openai.OpenAI, upstream_a: FakeUpstreamHandle) -> None:
         """An upstream 429 stays a 429 and its Retry-After reaches the client."""
-        upstream_a.add_faults({"kind": "status", "status": 429, "retry_after": 7})
+        upstream_a.add_faults({"kind": "status", "status": 429, "retry_after": 7, "match": {"model": "limited-model"}})
         with pytest.raises(openai.RateLimitError) as exc:
-            client.chat.completions.create(model="chat", messages=MESSAGES)
+            client.chat.completions.create(model="limited", messages=MESSAGES)
         assert exc.value.response.headers["retry-after"] == "7"
+        # The upstream asked for 7 s of quiet: the next call is not sent (no hammering);
+        # the client gets a 429 with the remaining wait instead.
+        with pytest.raises(openai.RateLimitError) as exc:
+            client.chat.completions.create(model="limited", messages=MESSAGES)
+        assert 1 <= int(exc.value.response.headers["retry-after"]) <= 7
+        assert upstream_a.stats()["requests"].get("/v1/chat/completions") == 1
 
     def test_context_length_is_relayed_as_400(self, client: openai.OpenAI, upstream_a: FakeUpstreamHandle) -> None:
         """The upstream's context_length_exceeded 400 is relayed with its code and param."""
@@ -322,7 +330,7 @@ class TestUpstreamFaults:
 
     def test_reset_before_headers_is_502(self, client: openai.OpenAI, upstream_a: FakeUpstreamHandle) -> None:
         """A connection reset before any response is a 502."""
-        upstream_a.add_faults({"kind": "reset"})
+        upstream_a.add_faults({"kind": "reset", "times": None})
         with pytest.raises(openai.APIStatusError) as exc:
             client.chat.completions.create(model="chat", messages=MESSAGES)
         assert exc.value.status_code == 502

@@ -48,13 +48,13 @@ class TestRecipeErrorsAtStart:
         assert "models.chat.targets[0].price.input" in res.stderr
 
     def test_unenforceable_settings_refused(self, tmp_path: Path) -> None:
-        """Settings this build cannot enforce (API keys) stop the start instead of being ignored."""
+        """Auth settings that cannot be honoured (a pepper too short to protect key hashes) stop the start; no secret is echoed."""
         recipe = tmp_path / "keys.yaml"
         recipe.write_text("providers:\n  a: {base_url: 'http://x/v1'}\nmodels:\n  chat: {targets: [{provider: a, model: m}]}\n"
-                          "auth:\n  admin_keys: ['adm-123456789']\n")
+                          "auth:\n  admin_keys: ['adm-123456789']\n  pepper: 'pep-short'\n")
         res = _cli("check", str(recipe))
-        assert res.returncode == 2 and "auth" in res.stderr
-        assert "adm-123456789" not in res.stderr
+        assert res.returncode == 2 and "auth.pepper" in res.stderr
+        assert "adm-123456789" not in res.stderr and "pep-short" not in res.stderr
 
     def test_standalone_recipe_is_valid(self) -> None:
         """The shipped standalone recipe validates."""

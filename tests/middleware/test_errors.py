@@ -9,6 +9,7 @@ from starlette.types import Receive, Scope, Send
 
 from asgi_llm._asgi import SSE_HEADERS
 from asgi_llm.errors import RateLimitError, UpstreamProtocolError
+from asgi_llm.context import get_context
 from asgi_llm.middleware.errors import ErrorMiddleware
 from tests.harness import call
 
@@ -73,3 +74,28 @@ class TestErrorMiddleware:
 
         rec = await call(ErrorMiddleware(app))
         assert rec.status == 429
+
+
+class TestStarletteRoutes:
+    async def test_wrong_method_on_admin_route_is_openai_shaped(self) -> None:
+        """A wrong method on a registered admin route is a 405 in OpenAI's shape (not plain text)."""
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        from asgi_llm.admin import AdminApp
+        from asgi_llm.context import Principal
+        from asgi_llm.middleware.context import ContextMiddleware
+
+        async def handler(request: object) -> JSONResponse:
+            return JSONResponse({})
+
+        admin = AdminApp(admin_routes=[Route("/admin/things", handler, methods=["GET"])])
+
+        async def as_admin(scope: Scope, receive: Receive, send: Send) -> None:
+            get_context(scope).principal = Principal(key_id="a", org="*", scopes=frozenset({"admin"}))
+            await admin(scope, receive, send)
+
+        rec = await call(ErrorMiddleware(ContextMiddleware(as_admin)), method="DELETE", path="/admin/things")
+        assert rec.status == 405
+        assert rec.json()["error"]["code"] == "method_not_allowed"
+        assert "GET" in rec.headers.get("allow", "")

@@ -35,3 +35,10 @@ class TestKeyPool:
     def test_keyless(self) -> None:
         """A provider without keys sends none."""
         assert KeyPool("local", []).pick("local/m") == ("", None)
+
+    def test_empty_entries_are_unused(self) -> None:
+        """An empty pool entry (an unset optional ${KEY_2:-}) is never sent."""
+        pool = KeyPool("p", ["s1", "", "s2"])
+        assert pool.ids == ["k0", "k1"]
+        assert {pool.pick("p/m")[1] for _ in range(4)} == {"s1", "s2"}
+        assert KeyPool("p", [""]).pick("p/m") == ("", None)
