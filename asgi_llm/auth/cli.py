@@ -14,12 +14,12 @@ from typing import Annotated, Any
 
 import typer
 
+from asgi_llm.admin.client import AdminKey, Gateway, admin_request
+
 __all__ = ["keys_app"]
 
 keys_app = typer.Typer(help="Create, list and revoke API keys (through a gateway's admin API).", no_args_is_help=True)
 
-Gateway = Annotated[str, typer.Option("--gateway", envvar="ASGI_LLM_GATEWAY", help="Gateway URL.")]
-AdminKey = Annotated[str, typer.Option("--admin-key", envvar="ASGI_LLM_ADMIN_KEY", help="An admin key.", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -34,27 +34,7 @@ def _duration(text: str) -> float:
 
 
 def _call(gateway: str, admin_key: str, method: str, path: str, body: Any = None) -> Any:
-    import httpx2
-
-    if not admin_key:
-        typer.echo("asgi-llm keys: an admin key is needed (--admin-key or ASGI_LLM_ADMIN_KEY)", err=True)
-        raise typer.Exit(2)
-    base = gateway.rstrip("/").removesuffix("/v1")
-    try:
-        with httpx2.Client(timeout=30) as http:
-            resp = http.request(method, base + path, json=body, headers={"authorization": f"Bearer {admin_key}"})
-    except httpx2.HTTPError as exc:
-        typer.echo(f"asgi-llm keys: cannot reach the gateway at {base}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    try:
-        data = resp.json()
-    except ValueError:
-        data = None
-    if resp.status_code >= 400:
-        message = data["error"]["message"] if isinstance(data, dict) and isinstance(data.get("error"), dict) else resp.text
-        typer.echo(f"asgi-llm keys: {resp.status_code}: {message}", err=True)
-        raise typer.Exit(1)
-    return data
+    return admin_request(gateway, admin_key, method, path, body=body, prog="asgi-llm keys", timeout=30)
 
 
 @keys_app.command()

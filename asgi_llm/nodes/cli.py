@@ -12,28 +12,16 @@ from typing import Annotated, Any
 
 import typer
 
+from asgi_llm.admin.client import AdminKey, Gateway, admin_request
+
 __all__ = ["node_app"]
 
 node_app = typer.Typer(help="BYOI nodes: run the agent on a machine (join), or manage nodes (admin).", no_args_is_help=True)
 
-Gateway = Annotated[str, typer.Option("--gateway", envvar="ASGI_LLM_GATEWAY", help="Gateway URL.")]
-AdminKey = Annotated[str, typer.Option("--admin-key", envvar="ASGI_LLM_ADMIN_KEY", help="An admin key.", show_default=False)]
 
 
 def _admin(gateway: str, admin_key: str, method: str, path: str, body: Any = None) -> Any:
-    import httpx2
-
-    url = gateway.rstrip("/").removesuffix("/v1") + path
-    with httpx2.Client(timeout=30, trust_env=False) as http:
-        resp = http.request(method, url, json=body, headers={"authorization": f"Bearer {admin_key}"})
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except Exception:  # noqa: BLE001
-            message = resp.text[:300]
-        typer.echo(f"asgi-llm node: HTTP {resp.status_code}: {message}", err=True)
-        raise typer.Exit(1)
-    return resp.json()
+    return admin_request(gateway, admin_key, method, path, body=body, prog="asgi-llm node", timeout=30)
 
 
 @node_app.command()

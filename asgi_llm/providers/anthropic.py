@@ -31,27 +31,24 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 
-from asgi_llm._timeout import fail_after
 from asgi_llm._sse import encode_json
+from asgi_llm._timeout import fail_after
 from asgi_llm.errors import InvalidRequestError, UpstreamError, UpstreamTimeoutError
 from asgi_llm.providers.base import (
     Chunk,
-    Timeouts,
     UpstreamReply,
     _error_from_body,
     _parse_json_object,
     raise_for_upstream_status,
 )
-from asgi_llm.providers.keys import KeyPool
-from asgi_llm.providers.transport import UpstreamTransport, make_transport
+from asgi_llm.providers.http import HTTPAdapter
 
 if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
-    from asgi_llm.routing.health import HealthTracker
     from asgi_llm.routing.router import Target
 
 __all__ = ["AnthropicAdapter", "to_anthropic_request", "to_openai_response"]
@@ -273,32 +270,15 @@ class _AnthropicReply(UpstreamReply):
             self.first_content_at = time.perf_counter()
 
 
-class AnthropicAdapter:
-    """An Anthropic Messages API provider (chat completions only).
+class AnthropicAdapter(HTTPAdapter):
+    """An Anthropic Messages API provider (chat completions only). Arguments as for
+    :class:`~asgi_llm.providers.http.HTTPAdapter`; ``base_url`` is e.g.
+    ``https://api.anthropic.com/v1``."""
 
-    Args are as for :class:`~asgi_llm.providers.openai.OpenAIAdapter`; ``base_url`` is
-    e.g. ``https://api.anthropic.com/v1``.
-    """
+    default_headers = {**HTTPAdapter.default_headers, "anthropic-version": ANTHROPIC_VERSION}
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        base_url: str,
-        api_keys: Sequence[str] = (),
-        timeouts: Timeouts | None = None,
-        headers: Mapping[str, str] | None = None,
-        transport: UpstreamTransport | None = None,
-        max_connections: int = 256,
-        health: HealthTracker | None = None,
-    ) -> None:
-        self.name = name
-        self.base_url = base_url.rstrip("/")
-        self.timeouts = timeouts or Timeouts()
-        self.transport = transport or make_transport(max_connections=max_connections, connect_timeout=self.timeouts.connect)
-        self._static_headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
-                                "user-agent": "asgi-llm/0.1", **(headers or {})}
-        self.keys = KeyPool(name, api_keys, health=health)
+    def key_headers(self, api_key: str | None) -> dict[str, str]:
+        return {"x-api-key": api_key} if api_key else {}
 
     async def send(self, ctx: RequestContext, target: Target, *, api_key: str | None = None) -> UpstreamReply:
         route = target.route
@@ -308,10 +288,8 @@ class AnthropicAdapter:
                 target=route, retryable=True,
             )
         body = json.dumps(to_anthropic_request(ctx.payload, target.model, stream=ctx.stream), separators=(",", ":")).encode()
-        headers = dict(self._static_headers)
+        headers = {**self._static_headers, **self.key_headers(api_key)}
         headers["x-request-id"] = ctx.request_id
-        if api_key is not None:
-            headers["x-api-key"] = api_key
         if ctx.stream:
             headers["accept"] = "text/event-stream"
         limit = self.timeouts.ttft if ctx.stream else self.timeouts.attempt
@@ -324,22 +302,3 @@ class AnthropicAdapter:
         if not 200 <= response.status < 300:
             await raise_for_upstream_status(response, route)
         return _AnthropicReply(response, target=route, timeouts=self.timeouts, sent_at=sent_at)
-
-    async def probe(self) -> bool:
-        """Free probe: ``GET /models`` (Anthropic lists models without billing)."""
-        headers = dict(self._static_headers)
-        if len(self.keys):
-            headers["x-api-key"] = self.keys._keys[0]
-        try:
-            async with fail_after(min(self.timeouts.attempt, 10.0)):
-                response = await self.transport.send("GET", self.base_url + "/models", headers=headers, body=None)
-                try:
-                    return 200 <= response.status < 300
-                finally:
-                    await response.aclose()
-        except (TimeoutError, UpstreamError):
-            return False
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-

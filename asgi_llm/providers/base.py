@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 
-from asgi_llm._timeout import fail_after
 from asgi_llm._sse import SSEEvent, SSEParser
+from asgi_llm._timeout import fail_after
 from asgi_llm.errors import (
     UpstreamError,
     UpstreamProtocolError,

@@ -41,6 +41,10 @@ class KeyPool:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def any_key(self) -> str | None:
+        """A key for a free call (a health probe): any one proves reachability."""
+        return self._keys[0] if self._keys else None
+
     def pick(self, route: str) -> tuple[str, str | None]:
         """Return ``(key_id, secret)`` for the next usable key (``("", None)`` if keyless)."""
         if not self._keys:

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 
 from asgi_llm._timeout import fail_after
-from asgi_llm.errors import UpstreamError, UpstreamTimeoutError
-from asgi_llm.providers.base import Timeouts, UpstreamReply, raise_for_upstream_status
-from asgi_llm.providers.keys import KeyPool
-from asgi_llm.providers.transport import UpstreamTransport, make_transport
+from asgi_llm.errors import UpstreamTimeoutError
+from asgi_llm.providers.base import UpstreamReply, raise_for_upstream_status
+from asgi_llm.providers.http import HTTPAdapter
 
 if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
-    from asgi_llm.routing.health import HealthTracker
     from asgi_llm.routing.router import Target
 
 __all__ = ["GATEWAY_ONLY_FIELDS", "OpenAIAdapter"]
@@ -35,39 +32,11 @@ GATEWAY_ONLY_FIELDS: frozenset[str] = frozenset({"provider", "models", "fallback
 """Request fields meant for the gateway itself (routing overrides in the OpenRouter and
 LiteLLM dialects, LiteLLM's cache controls), never forwarded upstream."""
 
-_USER_AGENT = "asgi-llm/0.1"
 
 
-class OpenAIAdapter:
-    """One OpenAI-compatible provider: base URL, key pool, timeouts, one connection pool.
-
-    Args:
-        name: the provider's name in the recipe (used in routes and messages).
-        base_url: e.g. ``https://api.openai.com/v1`` (no trailing slash needed).
-        api_keys: upstream keys, used round-robin; empty for keyless local engines.
-        timeouts: per-attempt limits.
-        headers: extra static headers sent with every request.
-        transport: the connection pool; built with :func:`make_transport` if omitted.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        base_url: str,
-        api_keys: Sequence[str] = (),
-        timeouts: Timeouts | None = None,
-        headers: Mapping[str, str] | None = None,
-        transport: UpstreamTransport | None = None,
-        max_connections: int = 256,
-        health: HealthTracker | None = None,
-    ) -> None:
-        self.name = name
-        self.base_url = base_url.rstrip("/")
-        self.timeouts = timeouts or Timeouts()
-        self.transport = transport or make_transport(max_connections=max_connections, connect_timeout=self.timeouts.connect)
-        self._static_headers = {"content-type": "application/json", "user-agent": _USER_AGENT, **(headers or {})}
-        self.keys = KeyPool(name, api_keys, health=health)
+class OpenAIAdapter(HTTPAdapter):
+    """One OpenAI-compatible provider: base URL, key pool, timeouts, one connection pool
+    (arguments: see :class:`~asgi_llm.providers.http.HTTPAdapter`)."""
 
     def build_body(self, ctx: RequestContext, target: Target) -> bytes:
         """The JSON body sent upstream for this attempt."""
@@ -80,10 +49,8 @@ class OpenAIAdapter:
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
     def build_headers(self, ctx: RequestContext, api_key: str | None) -> dict[str, str]:
-        headers = dict(self._static_headers)
+        headers = {**self._static_headers, **self.key_headers(api_key)}
         headers["x-request-id"] = ctx.request_id
-        if api_key is not None:
-            headers["authorization"] = "Bearer " + api_key
         if ctx.stream:
             headers["accept"] = "text/event-stream"
         return headers
@@ -105,24 +72,3 @@ class OpenAIAdapter:
         if not 200 <= response.status < 300:
             await raise_for_upstream_status(response, route)
         return UpstreamReply(response, target=route, timeouts=self.timeouts, sent_at=sent_at)
-
-    async def probe(self) -> bool:
-        """Free health probe: ``GET /models`` answers 200 within the connect+attempt limits."""
-        key_id, api_key = "", None
-        if len(self.keys):
-            api_key = self.keys._keys[0]  # any key proves reachability; listing models is free
-        headers = {"user-agent": _USER_AGENT}
-        if api_key:
-            headers["authorization"] = "Bearer " + api_key
-        try:
-            async with fail_after(min(self.timeouts.attempt, 10.0)):
-                response = await self.transport.send("GET", self.base_url + "/models", headers=headers, body=None)
-                try:
-                    return 200 <= response.status < 300
-                finally:
-                    await response.aclose()
-        except (TimeoutError, UpstreamError):
-            return False
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()

@@ -16,39 +16,19 @@ from typing import Annotated, Any
 
 import typer
 
+from asgi_llm.admin.client import AdminKey, Gateway, admin_request
+
 __all__ = ["audit_app", "usage_app"]
 
 usage_app = typer.Typer(help="Usage and cost reports (through a gateway's admin API).", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 
-Gateway = Annotated[str, typer.Option("--gateway", envvar="ASGI_LLM_GATEWAY", help="Gateway URL.")]
-AdminKey = Annotated[str, typer.Option("--admin-key", envvar="ASGI_LLM_ADMIN_KEY", help="An admin key.", show_default=False)]
 Since = Annotated[str | None, typer.Option(help="ISO date/datetime or a look-back such as 24h, 7d.")]
 Fmt = Annotated[str, typer.Option("--format", help="table | json | csv")]
 
 
 def _get(gateway: str, admin_key: str, path: str, params: dict[str, Any], *, raw: bool = False) -> Any:
-    import httpx2
-
-    if not admin_key:
-        typer.echo("asgi-llm: an admin key is needed (--admin-key or ASGI_LLM_ADMIN_KEY)", err=True)
-        raise typer.Exit(2)
-    base = gateway.rstrip("/").removesuffix("/v1")
-    try:
-        with httpx2.Client(timeout=60) as http:
-            resp = http.get(base + path, params={k: v for k, v in params.items() if v is not None},
-                            headers={"authorization": f"Bearer {admin_key}"})
-    except httpx2.HTTPError as exc:
-        typer.echo(f"asgi-llm: cannot reach the gateway at {base}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if resp.status_code != 200:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text[:300]
-        typer.echo(f"asgi-llm: {resp.status_code}: {message}", err=True)
-        raise typer.Exit(1)
-    return resp.text if raw else resp.json()
+    return admin_request(gateway, admin_key, "GET", path, params=params, raw=raw)
 
 
 def _print(rows: list[dict[str, Any]], fmt: str, title: str, columns: list[str] | None = None) -> None:
