@@ -9,12 +9,13 @@ body, and no middleware keeps per-request state on ``self``.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.types import Scope
+
+from asgi_llm._ids import new_id
 
 if TYPE_CHECKING:
     from asgi_llm.routing.router import Target
@@ -38,8 +39,8 @@ Endpoint = Literal["chat", "completions", "embeddings", "models", "health", "adm
 
 
 def new_request_id() -> str:
-    """A random request id (``req_`` + 24 hex digits)."""
-    return "req_" + os.urandom(12).hex()
+    """A unique request id (``req_`` + 32 hex digits)."""
+    return "req_" + new_id()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from asgi_llm._ids import new_id
 
 __all__ = ["GENESIS", "VERDICTS", "AuditEvent", "ChainBreak", "VerifyResult", "canonical", "event_hash", "verify_events"]
 
@@ -62,7 +63,7 @@ class AuditEvent:
     route: str | None = None
     attempts: int = 0
     detail: dict[str, Any] | None = None
-    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    event_id: str = field(default_factory=new_id)
     ts: dt.datetime = field(default_factory=_now)
     seq: int | None = None
     prev_hash: str | None = None

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from asgi_llm._ids import new_id
 from asgi_llm.config import KeyLimits
 from asgi_llm.errors import RateLimitError
 from asgi_llm.middleware.context import ensure_context
@@ -134,7 +134,7 @@ class QuotaMiddleware:
         if not limits:
             await self.app(scope, receive, send)
             return
-        rid = "res_" + secrets.token_hex(12)
+        rid = "res_" + new_id()
         try:
             admission = await self.store.reserve(limits, reservation_id=rid, lease_s=self.lease_s)
         except StoreError as exc:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
 from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
+
+from asgi_llm._ids import new_id
 
 __all__ = ["PICO", "LedgerRow", "from_pico", "to_pico", "usd_text"]
 
@@ -56,7 +57,7 @@ class LedgerRow:
     provider: str
     upstream_model: str
     attempt: int = 1
-    attempt_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    attempt_id: str = field(default_factory=new_id)
     ts: dt.datetime = field(default_factory=_utcnow)
     endpoint: str = "chat"
     stream: bool = False
