@@ -62,6 +62,21 @@ ledger_table = sa.Table(
     sa.Column("prompt_text", sa.Text()),
 )
 
+_COLUMNS = [c.name for c in ledger_table.columns]
+_COLUMN_LIST = ", ".join(_COLUMNS)
+_INSERT_SQL_SQLITE = (f"INSERT INTO usage_ledger ({_COLUMN_LIST}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+                      "ON CONFLICT (attempt_id) DO NOTHING")
+_INSERT_SQL_PG = (f"INSERT INTO usage_ledger ({_COLUMN_LIST}) VALUES ({', '.join('%s' for _ in _COLUMNS)}) "
+                  "ON CONFLICT (attempt_id) DO NOTHING")
+
+
+def _row_tuple(d: dict[str, Any], sqlite: bool) -> tuple[Any, ...]:
+    if sqlite:
+        # The text form SQLAlchemy's SQLite DateTime reads back (and no deprecated adapter).
+        d["ts"] = d["ts"].strftime("%Y-%m-%d %H:%M:%S.%f")
+    return tuple(d[name] for name in _COLUMNS)
+
+
 _T = ledger_table.c
 GROUPS: dict[str, sa.ColumnElement[Any]] = {
     "model": _T.model,
@@ -149,16 +164,17 @@ class SQLLedgerStore:
         await self.db.aclose()
 
     async def insert_many(self, rows: Sequence[LedgerRow]) -> None:
+        """Insert a batch, skipping rows already there (``attempt_id``): retries are safe.
+
+        The statement goes to the driver's ``executemany`` with plain tuples: SQLAlchemy's
+        per-row parameter processing cost ~45 µs a row, on the gateway's own core.
+        """
         if not rows:
             return
-        values = [r.to_db() for r in rows]
-        dialect = self.db.dialect
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-        stmt = insert(ledger_table).on_conflict_do_nothing(index_elements=["attempt_id"])
-        await self.db.run(lambda c: c.execute(stmt, values), "ledger insert", write=True)
+        sqlite = self.db.dialect == "sqlite"
+        sql = _INSERT_SQL_SQLITE if sqlite else _INSERT_SQL_PG
+        values = [_row_tuple(r.to_db(), sqlite) for r in rows]
+        await self.db.run(lambda c: c.exec_driver_sql(sql, values), "ledger insert", write=True)
 
     async def rows(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
                    org: str | None = None, request_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
