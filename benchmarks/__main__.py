@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     layers.add_argument("--requests", type=int, default=None, help="requests per stack per rep (default 20000)")
     layers.add_argument("--reps", type=int, default=None, help="repetitions (default 5)")
 
+    layer_cost = sub.add_parser("layer-cost", help="CPU per request of each optional layer of the full pipeline")
+    common(layer_cost)
+    layer_cost.add_argument("--requests", type=int, default=None, help="requests per variant per rep (default 1000)")
+    layer_cost.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+
     streaming = sub.add_parser("streaming", help="TTFB and inter-chunk gap: passthrough vs asgi-llm")
     common(streaming)
     streaming.add_argument("--streams", type=int, default=None, help="streams per row (default 300)")
@@ -101,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
         res = measure_layers(requests=args.requests or (2000 if q else 20000), reps=args.reps or (1 if q else 5))
         md = header_md("asgi-llm per-layer cost", machine, command_line()) + "\n" + layers_markdown(res)
+    elif args.cmd == "layer-cost":
+        from benchmarks.layer_cost import layer_cost_markdown, measure_layer_cost
+
+        res = measure_layer_cost(requests=args.requests or (100 if q else 1000), reps=args.reps or (1 if q else 3))
+        md = header_md("asgi-llm: cost of each layer of the full pipeline", machine, command_line()) + "\n" + layer_cost_markdown(res)
     elif args.cmd == "streaming":
         from benchmarks.streaming import measure_streaming, streaming_markdown
 

@@ -75,7 +75,7 @@ class BatchWriter(Generic[T]):
         spill_dir: str | os.PathLike[str],
         queue_max: int = 100_000,
         batch_size: int = 500,
-        flush_interval_s: float = 0.2,
+        flush_interval_s: float = 1.0,
         shutdown_timeout_s: float = 10.0,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
