@@ -110,7 +110,40 @@ def _base_recipe(mock: str, *, targets: int = 2, models: int = 1) -> dict[str, A
     return {"providers": providers, "models": model_cfg}
 
 
-def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, keys: int = 1) -> tuple[dict[str, Any], list[str]]:
+BENCH_REDIS = os.environ.get("ASGI_LLM_BENCH_REDIS", "redis://127.0.0.1:6379/11")
+BENCH_PG_ADMIN = os.environ.get("ASGI_LLM_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+BENCH_PG_DB = "asgi_llm_bench"
+
+
+def shared_stores() -> dict[str, str]:
+    """Redis + PostgreSQL for the full-shared row: a fresh Redis db and a bench database
+    (created if missing, emptied). Raises :class:`Skip` when either is unreachable."""
+    try:
+        import psycopg
+        import redis
+    except ImportError as exc:  # pragma: no cover - the dev extras install both
+        raise Skip(f"needs the redis and postgres extras ({exc})") from None
+    try:
+        client = redis.Redis.from_url(BENCH_REDIS, socket_connect_timeout=2)
+        client.flushdb()
+        client.close()
+    except redis.RedisError as exc:
+        raise Skip(f"Redis unreachable at {BENCH_REDIS}: {exc}") from None
+    host = BENCH_PG_ADMIN.split("://", 1)[1]
+    user, _, hostport = host.rpartition("@")
+    hostname, _, port = hostport.partition(":")
+    dsn = f"host={hostname} port={port or 5432} user={user or 'postgres'} dbname=postgres connect_timeout=3"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_PG_DB}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{BENCH_PG_DB}"')
+    except psycopg.Error as exc:
+        raise Skip(f"PostgreSQL unreachable at {BENCH_PG_ADMIN}: {exc}") from None
+    return {"state": BENCH_REDIS, "cache": BENCH_REDIS, "ledger": f"{BENCH_PG_ADMIN}/{BENCH_PG_DB}"}
+
+
+def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, keys: int = 1,
+                shared: bool = False) -> tuple[dict[str, Any], list[str]]:
     """The "full pipeline" recipe: auth + limits + cache + failover (2 targets) + stores.
 
     Sections this build refuses (it raises ``ConfigError`` for settings it cannot
@@ -122,7 +155,8 @@ def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, 
 
     recipe = _base_recipe(mock, targets=targets, models=models)
     big = 10**9
-    recipe["stores"] = {"state": "memory://", "cache": "memory://", "ledger": f"sqlite:///{workdir / 'ledger.db'}"}
+    recipe["stores"] = (shared_stores() if shared else
+                        {"state": "memory://", "cache": "memory://", "ledger": f"sqlite:///{workdir / 'ledger.db'}"})
     recipe["auth"] = {"keys": [{"key": CLIENT_KEY if i == 0 else f"{CLIENT_KEY}-{i}", "org": f"org-{i % 10}",
                                 "limits": {"rpm": big, "tpm": big}} for i in range(keys)]}
     recipe["limits"] = {"org": {"rpm": big, "tpm": big}}
@@ -188,8 +222,6 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
     if row == "direct":
         yield RowServer(row, mock, layers=["(none: the mock itself)"])
         return
-    if row == "full-shared":
-        raise Skip("not available yet (no shared stores in this build)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
@@ -201,13 +233,13 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
         args = [*uvicorn, "benchmarks.passthrough:app"]
         env["BENCH_UPSTREAM"] = mock
         server.layers = ["uvicorn + aiohttp relay"]
-    elif row in ("dispatch", "full"):
-        recipe, dropped = full_recipe(mock, workdir, **(recipe_kwargs or {}))
+    elif row in ("dispatch", "full", "full-shared"):
+        recipe, dropped = full_recipe(mock, workdir, **(recipe_kwargs or {}), shared=row == "full-shared")
         if row == "dispatch":
             recipe = _base_recipe(mock, **{k: v for k, v in (recipe_kwargs or {}).items() if k in ("targets", "models")})
         path = write_recipe(recipe, workdir / f"recipe-{row}-{port}.yaml")
         server.layers = _gateway_layers(recipe, dispatch_only=row == "dispatch")
-        if row == "full":
+        if row in ("full", "full-shared"):
             server.notes += [f"dropped {d}" for d in dropped]
             args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(path), "--port", str(port),
                     "--log-level", "warning"]
