@@ -55,6 +55,11 @@ def build_nodes(parts: BuildParts) -> None:
     )
     service = NodeService(store, registry, cfg, reserved_names=set(parts.providers))
     parts.resources.append(registry)
+    if parts.config.stores.state.startswith(("redis://", "rediss://")):
+        # Replicas share who is alive (direct-mode nodes); see asgi_llm/nodes/shared.py.
+        from asgi_llm.nodes.shared import SharedNodeLiveness
+
+        parts.resources.append(SharedNodeLiveness(parts.config.stores.state, registry))
     parts.extras["nodes"] = service
     parts.node_routes.extend(node_routes(service))
     parts.admin_routes.extend(node_admin_routes(service, ledger=parts.extras.get("ledger_store")))

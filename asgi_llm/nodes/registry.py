@@ -7,12 +7,12 @@ a node is routable while its last heartbeat is younger than ``window_s``, it is
 ``active``, not revoked, inside its availability windows, and has a way in (a URL in
 direct mode, an open tunnel in tunnel mode).
 
-Why not the ``state`` store: its Protocol (:class:`~asgi_llm.stores.state.StateStore`)
-only knows admission counters (reserve/settle), not keyed records; liveness here is per
-replica. Several replicas each see the heartbeats that reach them — agents heartbeat
-through the load balancer, so with N replicas each one sees ~1/N of them; give
-``heartbeat_window_s`` ≥ N × ``heartbeat_interval_s`` (or a sticky LB) until the state
-store grows a key/value ability.
+Across replicas: with ``stores.state: redis://…`` every replica publishes the
+heartbeats it receives and adopts the others' (:mod:`asgi_llm.nodes.shared`), so a
+direct-mode node is routable from all of them whatever replica it heartbeats to. A
+tunnel node is reachable only through the replica that holds its WebSocket. Without
+Redis, each replica sees only the heartbeats that reach it: use a sticky load balancer,
+or ``heartbeat_window_s`` ≥ N × ``heartbeat_interval_s``.
 
 The registry plugs into the gateway three ways: :meth:`resolve` is the router's
 ``node_resolver``, :meth:`extra_load` its ``extra_load`` (engine queue depth for
@@ -102,6 +102,8 @@ class NodeRegistry:
         self.health = health
         self.records: dict[str, NodeRecord] = {}
         self.live: dict[str, LiveNode] = {}
+        self.on_heartbeat: Callable[[NodeRecord, LiveNode], None] | None = None
+        """Called after each heartbeat this replica receives (to share liveness)."""
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -169,7 +171,34 @@ class NodeRegistry:
         live.load = load
         live.agent_state = agent_state
         self._ensure_adapter(record, live)
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(record, live)
         return live
+
+    def observe_remote(self, node_id: str, *, age_s: float, load: dict[str, float], agent_state: str) -> bool:
+        """Adopt a heartbeat another replica received ``age_s`` seconds ago.
+
+        Only direct-mode nodes: a tunnel ends at the replica that holds it, so only that
+        replica can route to it. Returns False when the record is not known here yet
+        (the caller reloads records).
+        """
+        record = self.records.get(node_id)
+        if record is None:
+            return False
+        if record.mode == "tunnel" or record.revoked_at is not None:
+            return True
+        seen = self.clock() - max(0.0, age_s)
+        live = self.live.get(node_id)
+        if live is not None and live.last_seen >= seen:
+            return True  # we heard from it ourselves, more recently
+        came_back = not self.is_online(node_id)
+        live = self.live.setdefault(node_id, LiveNode())
+        live.last_seen, live.load, live.agent_state = seen, load, agent_state
+        if came_back and self.health is not None:
+            for m in record.models:
+                self.health.probe_result(f"{node_provider(record.name)}/{m.get('id')}", True)
+        self._ensure_adapter(record, live)
+        return True
 
     def attach_tunnel(self, record: NodeRecord, conn: TunnelConnection) -> None:
         live = self.live.setdefault(record.id, LiveNode())
