@@ -132,6 +132,12 @@ class Gateway:
             await stack.aclose()
             raise
         self._stack = stack
+        for adapter in self.providers.values():
+            # Import the HTTP client and open each pool now, so the first request after a
+            # deploy does not pay for it (measured: ~60 ms of "overhead" on request one).
+            warm = getattr(getattr(adapter, "transport", None), "warm", None)
+            if warm is not None:
+                await warm()
 
     async def shutdown(self) -> None:
         """Close resources (flushing writers), stop background tasks, close provider pools."""

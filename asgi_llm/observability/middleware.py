@@ -135,4 +135,5 @@ def build_observability_layer(parts: Any) -> Any:
 
         configure_logging(json=True)
     metrics, tracer = shared_observability(parts)
+    logs.prepare()
     return lambda app: ObservabilityMiddleware(app, metrics=metrics, tracer=tracer, log_requests=cfg.log_json)

@@ -159,6 +159,10 @@ class AiohttpTransport:
             self._session = session
         return session
 
+    async def warm(self) -> None:
+        """Import aiohttp and open the pool now (at startup, on the serving loop)."""
+        self._get_session()
+
     async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
         session = self._get_session()
         with _map_aiohttp_errors(url):
@@ -268,6 +272,10 @@ class HttpxTransport:
             )
         return self._client
 
+    async def warm(self) -> None:
+        """Import httpx2 and open the pool now (at startup, on the serving loop)."""
+        self._get_client()
+
     async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
         client = self._get_client()
         request = client.build_request(method, url, headers=headers, content=body)
@@ -299,11 +307,18 @@ class AutoTransport:
         self._kwargs: dict[str, Any] = {"max_connections": max_connections, "connect_timeout": connect_timeout}
         self._inner: UpstreamTransport | None = None
 
-    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
+    def _pick(self) -> UpstreamTransport:
         inner = self._inner
         if inner is None:
             inner = self._inner = (AiohttpTransport if _running_asyncio() else HttpxTransport)(**self._kwargs)
-        return await inner.send(method, url, headers=headers, body=body)
+        return inner
+
+    async def warm(self) -> None:
+        """Choose the implementation for the running loop and open its pool now."""
+        await self._pick().warm()  # type: ignore[attr-defined]
+
+    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> UpstreamResponse:
+        return await self._pick().send(method, url, headers=headers, body=body)
 
     async def aclose(self) -> None:
         if self._inner is not None:

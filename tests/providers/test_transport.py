@@ -82,3 +82,19 @@ class TestTransports:
         """An unknown transport name is a clear ValueError."""
         with pytest.raises(ValueError, match="unknown transport"):
             make_transport("curl")  # type: ignore[arg-type]
+
+
+class TestWarm:
+    async def test_startup_opens_pools_on_the_serving_loop(self, anyio_backend: str, upstream_a: FakeUpstreamHandle) -> None:
+        """The gateway's startup picks and opens each provider's pool, so request one pays nothing for it."""
+        from asgi_llm.providers.openai import OpenAIAdapter
+        from asgi_llm.routing.router import ModelRoute, Router, Target
+        from asgi_llm.stack import compose, gateway_lifespan
+
+        adapter = OpenAIAdapter("a", base_url=upstream_a.base_url)
+        gw = compose(providers={"a": adapter}, router=Router([ModelRoute("m", (Target("a", "x"),))]))
+        async with gateway_lifespan(gw):
+            inner = adapter.transport._inner  # type: ignore[attr-defined]
+            assert isinstance(inner, AiohttpTransport if anyio_backend == "asyncio" else HttpxTransport)
+            opened = inner._session if isinstance(inner, AiohttpTransport) else inner._client
+            assert opened is not None
