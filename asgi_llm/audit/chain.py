@@ -118,18 +118,30 @@ def canonical(content: dict[str, Any]) -> str:
     return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _digest(prev_hash: str, content: dict[str, Any]) -> str:
+    return hashlib.sha256((prev_hash + canonical(content)).encode()).hexdigest()
+
+
 def event_hash(event: AuditEvent) -> str:
     """``sha256(prev_hash + canonical(content))`` as hex."""
-    return hashlib.sha256(((event.prev_hash or "") + canonical(event.content())).encode()).hexdigest()
+    return _digest(event.prev_hash or "", event.content())
 
 
-def seal(events: Iterable[AuditEvent], head_seq: int, head_hash: str) -> tuple[int, str]:
-    """Assign ``seq``/``prev_hash``/``hash`` after the head; return the new head."""
+def seal(events: Iterable[AuditEvent], head_seq: int, head_hash: str,
+         *, contents: list[dict[str, Any]] | None = None) -> tuple[int, str]:
+    """Assign ``seq``/``prev_hash``/``hash`` after the head; return the new head.
+
+    ``contents``, when given, receives each event's hashed content (so a writer can
+    insert it without building it again).
+    """
     seq, prev = head_seq, head_hash
     for e in events:
         seq += 1
         e.seq, e.prev_hash = seq, prev
-        e.hash = prev = event_hash(e)
+        content = e.content()
+        e.hash = prev = _digest(prev, content)
+        if contents is not None:
+            contents.append(content)
     return seq, prev
 
 

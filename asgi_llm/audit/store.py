@@ -12,6 +12,7 @@ across replicas; ``seq`` never is).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -92,10 +93,11 @@ class SQLAuditStore:
         if not fresh:
             return
         # Seal copies: a failed transaction must not leave stale chain fields on the caller's events.
-        sealed = [AuditEvent.from_json(e.to_json()) for e in fresh]
-        seq, last = seal(sealed, int(head_seq), head_hash)
+        sealed = [dataclasses.replace(e) for e in fresh]
+        contents: list[dict[str, Any]] = []
+        seq, last = seal(sealed, int(head_seq), head_hash, contents=contents)
         c.execute(sa.insert(audit_table), [
-            {**e.content(), "ts": e.ts, "hash": e.hash} for e in sealed
+            {**content, "ts": e.ts, "hash": e.hash} for content, e in zip(contents, sealed, strict=True)
         ])
         c.execute(sa.update(head_table).where(head_table.c.id == 1).values(seq=seq, hash=last))
 
