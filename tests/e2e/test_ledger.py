@@ -193,20 +193,10 @@ def _pg(action: str) -> None:
                    check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def load_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'load.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    import sqlalchemy as sa
-
-    from asgi_llm.stores.sql import normalize_sql_url
-
-    engine = sa.create_engine(normalize_sql_url(url))
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return url
+@pytest.fixture
+def load_ledger(sql_url: str) -> str:
+    """The load test's ledger: SQLite and real PostgreSQL (a clean schema each; see conftest)."""
+    return sql_url
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
