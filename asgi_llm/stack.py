@@ -271,14 +271,10 @@ _LAYER_BUILDERS: dict[str, LayerBuilder] = {
 def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", exclude: Collection[str] = ()) -> Gateway:
     """Build the gateway a recipe describes.
 
-    Raises :class:`~asgi_llm.config.ConfigError` for settings this version cannot honour
-    — refusing to start beats silently ignoring, say, an API-key list.
+    Raises :class:`~asgi_llm.config.ConfigError` when settings cannot work together (a
+    layer builder refuses, e.g. nodes without a key store) — refusing to start beats
+    silently ignoring a setting.
     """
-    from asgi_llm.config import ConfigError
-
-    problems = _unsupported(config)
-    if problems:
-        raise ConfigError(problems)
     rc = config.routing
     health = HealthTracker(
         BreakerPolicy(
@@ -349,8 +345,3 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
         health=health,
     )
 
-
-def _unsupported(config: GatewayConfig) -> list[tuple[str, str]]:
-    """Recipe settings that this build accepts in the schema but cannot enforce yet."""
-    out: list[tuple[str, str]] = []
-    return out
