@@ -142,16 +142,10 @@ def build_audit_layer(parts: BuildParts) -> LayerFactory | None:
         return None
     from asgi_llm.admin.audit import audit_routes
     from asgi_llm.audit.store import SQLAuditStore
-    from asgi_llm.middleware.usage import default_spill_dir, shared_sql
-    from asgi_llm.usage.writer import BatchWriter
+    from asgi_llm.middleware.usage import config_writer, shared_sql
 
     store = SQLAuditStore(shared_sql(parts))
-    writer: BatchWriter[AuditEvent] = BatchWriter(
-        "audit", sink=store.append_many, encode=AuditEvent.to_json, decode=AuditEvent.from_json,
-        spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
-        batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
-    )
-    parts.resources.append(writer)
+    writer = config_writer(parts, "audit", sink=store.append_many, encode=AuditEvent.to_json, decode=AuditEvent.from_json)
     parts.extras["audit_store"] = store
     parts.extras["audit_writer"] = writer
     metrics = parts.extras.get("metrics")

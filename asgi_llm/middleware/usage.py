@@ -265,6 +265,21 @@ def default_spill_dir(ledger_url: str) -> Path:
     return Path(tempfile.gettempdir()) / "asgi-llm-spill" / hashlib.sha256(ledger_url.encode()).hexdigest()[:16]
 
 
+def config_writer(parts: BuildParts, name: str, *, sink: Any, encode: Any, decode: Any) -> Any:
+    """A :class:`~asgi_llm.usage.writer.BatchWriter` with the recipe's ``usage:`` queue
+    settings, registered as a gateway resource (the ledger and the audit log share them)."""
+    from asgi_llm.usage.writer import BatchWriter
+
+    cfg = parts.config.usage
+    writer: BatchWriter[Any] = BatchWriter(
+        name, sink=sink, encode=encode, decode=decode,
+        spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
+        batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
+    )
+    parts.resources.append(writer)
+    return writer
+
+
 def shared_sql(parts: BuildParts) -> Any:
     """The gateway's SQLDatabase (``stores.ledger``), created once and opened at startup."""
     db = parts.extras.get("sql")
@@ -286,16 +301,10 @@ def build_usage_layer(parts: BuildParts) -> LayerFactory | None:
     from asgi_llm.observability.middleware import shared_observability
     from asgi_llm.routing.router import Price
     from asgi_llm.usage.store import SQLLedgerStore
-    from asgi_llm.usage.writer import BatchWriter
 
     db = shared_sql(parts)
     store = SQLLedgerStore(db)
-    writer: BatchWriter[LedgerRow] = BatchWriter(
-        "ledger", sink=store.insert_many, encode=LedgerRow.to_json, decode=LedgerRow.from_json,
-        spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
-        batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
-    )
-    parts.resources.append(writer)
+    writer = config_writer(parts, "ledger", sink=store.insert_many, encode=LedgerRow.to_json, decode=LedgerRow.from_json)
     parts.extras["ledger_store"] = store
     parts.extras["ledger_writer"] = writer
     metrics, tracer = shared_observability(parts)
