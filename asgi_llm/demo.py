@@ -257,7 +257,7 @@ def _enroll_node(stack: ExitStack, env: DemoEnv, *, engine: str, state_dir: Path
 
 def run_demo(*, keep_running: bool = False, out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
     """Run the checklist; return the process exit status (0 = every check passed)."""
-    from asgi_llm.testing.processes import fake_upstream, free_port, managed_process
+    from asgi_llm.testing.processes import fake_upstream, gateway_process
 
     def say(line: str) -> None:
         print(line, file=out, flush=True)
@@ -273,16 +273,8 @@ def run_demo(*, keep_running: bool = False, out=sys.stdout) -> int:  # type: ign
         ledger_url = f"sqlite:///{Path(tmp) / 'ledger.db'}"
         recipe.write_text(_recipe({n: h.base_url for n, h in upstreams.items()})  # type: ignore[attr-defined]
                           + f'stores: {{ledger: "{ledger_url}"}}\n')
-        port = free_port()
-        stack.enter_context(
-            managed_process(
-                [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
-                 "--log-level", "warning"],
-                ready_url=f"http://127.0.0.1:{port}/healthz",
-                name="gateway",
-            )
-        )
-        env = DemoEnv(base_url=f"http://127.0.0.1:{port}/v1", upstreams=upstreams, ledger_url=ledger_url)
+        gateway = stack.enter_context(gateway_process(recipe, name="gateway"))
+        env = DemoEnv(base_url=gateway.base_url, upstreams=upstreams, ledger_url=ledger_url)
         say(f"gateway: {env.base_url}")
         _enroll_node(stack, env, engine=upstreams["node-1"].base_url, state_dir=Path(tmp) / "node-1", say=say)  # type: ignore[attr-defined]
         failed = 0

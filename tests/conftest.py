@@ -8,14 +8,13 @@ fake-upstream state (no faults, zeroed stats).
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, fake_upstream, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, fake_upstream, free_port, gateway_process
 
 UPSTREAM_KEYS = {"provider-a": "sk-upstream-a", "provider-b": "sk-upstream-b"}
 
@@ -87,10 +86,8 @@ def gateway_url(_upstream_a: FakeUpstreamHandle, _upstream_b: FakeUpstreamHandle
     """A real gateway process (``asgi-llm serve``) in front of the fake upstreams; yields its ``/v1`` URL."""
     recipe = tmp_path_factory.mktemp("gateway") / "recipe.yaml"
     recipe.write_text(gateway_recipe(_upstream_a, _upstream_b, recipe.parent / "ledger.db"))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with gateway_process(recipe, name="gateway") as gw:
+        yield gw.base_url
 
 
 @pytest.fixture

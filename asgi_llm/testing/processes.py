@@ -5,6 +5,8 @@
   answers 200, and always terminate it (and its whole process group) on exit.
 * :func:`fake_upstream` - run :mod:`asgi_llm.testing.fake_upstream` as a
   process and control it through a :class:`FakeUpstreamHandle`.
+* :func:`gateway_process` - serve a recipe with ``asgi-llm serve`` as a process,
+  ready once ``/healthz`` answers.
 
 Only the standard library is used (``urllib.request`` with proxies disabled),
 so these helpers work in any environment the tests run in.
@@ -31,9 +33,11 @@ from typing import Any
 
 __all__ = [
     "FakeUpstreamHandle",
+    "GatewayHandle",
     "ManagedProcess",
     "fake_upstream",
     "free_port",
+    "gateway_process",
     "managed_process",
 ]
 
@@ -266,3 +270,46 @@ def fake_upstream(
     args += list(extra_args)
     with managed_process(args, ready_url=f"http://127.0.0.1:{port}/health", name=f"fake-upstream-{name}") as mp:
         yield FakeUpstreamHandle(name=name, port=port, process=mp)
+
+
+# --------------------------------------------------------------------------- #
+# Gateway
+# --------------------------------------------------------------------------- #
+@dataclass
+class GatewayHandle:
+    """A running ``asgi-llm serve`` process."""
+
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        """Server root, e.g. ``http://127.0.0.1:8080``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI base URL, e.g. ``http://127.0.0.1:8080/v1``."""
+        return f"{self.url}/v1"
+
+
+@contextlib.contextmanager
+def gateway_process(
+    recipe: str | os.PathLike[str],
+    *,
+    name: str = "gateway",
+    env: Mapping[str, str] | None = None,
+    log_level: str = "warning",
+    extra_args: Sequence[str] = (),
+    timeout: float = 20.0,
+) -> Iterator[GatewayHandle]:
+    """Serve ``recipe`` with ``asgi-llm serve`` on a free port for the ``with`` block.
+
+    ``extra_args`` go to ``serve`` (e.g. ``("--workers", "2")``); ``env`` is added to
+    the environment (recipes read ``${VAR}`` from it).
+    """
+    port = free_port()
+    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
+            "--log-level", log_level, *extra_args]
+    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", env=env, name=name, timeout=timeout) as mp:
+        yield GatewayHandle(port=port, process=mp)

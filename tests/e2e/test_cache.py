@@ -7,7 +7,6 @@ so the gateway (shared by the module) never answers one test from another's entr
 from __future__ import annotations
 
 import contextlib
-import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, gateway_process
 from tests.conftest import UPSTREAM_KEYS
 from tests.services import redis_url
 
@@ -40,10 +39,8 @@ def _recipe(a: FakeUpstreamHandle, cache_url: str = "memory://") -> str:
 
 @contextlib.contextmanager
 def _serve(recipe: Path) -> Iterator[str]:
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="cache-gateway"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with gateway_process(recipe, name="cache-gateway") as gw:
+        yield gw.base_url
 
 
 @pytest.fixture(scope="module")

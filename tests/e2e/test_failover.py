@@ -6,7 +6,6 @@ bounded error — never a hang, never a truncated success — and attempts stay 
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from asgi_llm.testing.fake_upstream import count_tokens
-from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, gateway_process
 from tests.conftest import UPSTREAM_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -85,10 +84,8 @@ def _recipe(a: FakeUpstreamHandle, b: FakeUpstreamHandle) -> str:
 def matrix_gateway(_upstream_a: FakeUpstreamHandle, _upstream_b: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     recipe = tmp_path_factory.mktemp("failover") / "recipe.yaml"
     recipe.write_text(_recipe(_upstream_a, _upstream_b))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway-failover"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with gateway_process(recipe, name="gateway-failover") as gw:
+        yield gw.base_url
 
 
 def _calls(upstream: FakeUpstreamHandle, model: str) -> int:
@@ -202,10 +199,8 @@ def flap_gateway(upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle,
           retries_per_target: 0
           health: {{failure_threshold: 2, cooldown_s: 1.5, max_cooldown_s: 3, probe_interval_s: 0.3}}
         """))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway-flap"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with gateway_process(recipe, name="gateway-flap") as gw:
+        yield gw.base_url
 
 
 class TestFlappingPrimary:
@@ -270,10 +265,8 @@ def keys_gateway(upstream_a: FakeUpstreamHandle, tmp_path: Path) -> Iterator[str
           allbad: {{targets: [{{provider: allbad, model: allbad-model}}]}}
         routing: {{health: {{probe_interval_s: 0}}}}
         """))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway-keys"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with gateway_process(recipe, name="gateway-keys") as gw:
+        yield gw.base_url
 
 
 class TestKeyPools:
@@ -322,10 +315,8 @@ def explain_gateway(upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHand
           rules:
             - {{name: batch-only-cheap, match: {{header: {{x-tier: batch}}}}, only: [cheap]}}
         """))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway-explain"):
-        yield f"http://127.0.0.1:{port}"
+    with gateway_process(recipe, name="gateway-explain") as gw:
+        yield gw.url
 
 
 class TestExplain:

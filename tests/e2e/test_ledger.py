@@ -18,7 +18,7 @@ import httpx2
 import openai
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, gateway_process
 from tests.conftest import REPO, UPSTREAM_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -56,10 +56,8 @@ def gateway(upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle, tmp_
     ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe(upstream_a, upstream_b, ledger, tmp_path / "spill"))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(path), "--port", str(port), "--log-level", "warning"]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway-ledger"):
-        yield {"url": f"http://127.0.0.1:{port}", "ledger": ledger}
+    with gateway_process(path, name="gateway-ledger") as gw:
+        yield {"url": gw.url, "ledger": ledger}
 
 
 def admin(gw: dict[str, Any], method: str, path: str, **params: Any) -> Any:

@@ -15,7 +15,7 @@ import httpx2
 import openai
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, ManagedProcess, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, ManagedProcess, gateway_process
 from tests.conftest import UPSTREAM_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -60,11 +60,9 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
         limits:
           org: {{rpm: 1000}}
         """))
-    port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "info"]
     env = {"ASGI_LLM_PEPPER": "e2e-limits-pepper-0123456789"}
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway-limits", env=env) as proc:
-        yield Served(f"http://127.0.0.1:{port}/v1", proc)
+    with gateway_process(recipe, name="gateway-limits", env=env, log_level="info") as gw:
+        yield Served(gw.base_url, gw.process)
 
 
 def cli(served: Served, *args: str, admin_key: str = ADMIN) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import httpx2
 import openai
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, ManagedProcess, fake_upstream, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, ManagedProcess, fake_upstream, free_port, gateway_process, managed_process
 
 pytestmark = pytest.mark.e2e
 
@@ -75,10 +75,8 @@ limits: {{org: {{rpm: 100000, spend_usd_per_day: 100}}}}   # the quota layer pri
 nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: {WINDOW_S}}}
 routing: {{health: {{failure_threshold: 1000, probe_interval_s: 0}}}}
 """)
-    port = free_port()
-    with managed_process([sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
-                          "--log-level", "warning"], ready_url=f"http://127.0.0.1:{port}/healthz", name="gateway"):
-        yield f"http://127.0.0.1:{port}"
+    with gateway_process(recipe, name="gateway") as gw:
+        yield gw.url
 
 
 def admin(gateway: str, method: str, path: str, body: Any = None, key: str = ADMIN) -> httpx2.Response:

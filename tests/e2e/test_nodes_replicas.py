@@ -3,14 +3,13 @@ heartbeats to replica A is routable from replica B."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, fake_upstream, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, fake_upstream, gateway_process
 from tests.e2e.test_nodes import ADMIN, TEAM_A, admin, agent, client, new_token, wait_for
 from tests.services import redis_url
 
@@ -41,11 +40,8 @@ routing: {{health: {{probe_interval_s: 0}}}}
     urls = []
     with ExitStack() as stack:
         for i in range(2):
-            port = free_port()
-            stack.enter_context(managed_process(
-                [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
-                 "--log-level", "warning"], ready_url=f"http://127.0.0.1:{port}/healthz", name=f"replica-{i}"))
-            urls.append(f"http://127.0.0.1:{port}")
+            gw = stack.enter_context(gateway_process(recipe, name=f"replica-{i}"))
+            urls.append(gw.url)
         yield urls
 
 

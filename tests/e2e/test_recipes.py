@@ -11,7 +11,7 @@ import httpx2
 import openai
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, gateway_process, managed_process
 from tests.conftest import REPO, UPSTREAM_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -73,12 +73,9 @@ class TestServe:
             models:
               chat: {targets: [{provider: a, model: gpt-4o-mini}]}
             """))
-        port = free_port()
         env = {"A_URL": upstream_a.base_url, "A_KEY": UPSTREAM_KEYS["provider-a"]}
-        args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
-                "--workers", "2", "--log-level", "warning"]
-        with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", env=env, name="gateway-workers"):
-            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as c:
+        with gateway_process(recipe, name="gateway-workers", env=env, extra_args=("--workers", "2")) as gw:
+            with openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0) as c:
                 for _ in range(6):
                     reply = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
                     assert reply.choices[0].message.content.startswith("Hello from provider-a")

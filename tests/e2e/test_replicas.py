@@ -10,7 +10,6 @@ Redis is asyncio-only; the replicas run uvicorn under asyncio.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import time
 import uuid
@@ -23,7 +22,7 @@ import httpx2
 import openai
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, gateway_process
 from tests.conftest import UPSTREAM_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -89,11 +88,8 @@ def cluster(_upstream_a: FakeUpstreamHandle, _upstream_b: FakeUpstreamHandle, tm
         with ExitStack() as stack:
             urls = []
             for i in range(3):  # one after the other: the first migrates the database
-                port = free_port()
-                args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
-                        "--log-level", "warning"]
-                stack.enter_context(managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name=f"replica-{i}"))
-                urls.append(f"http://127.0.0.1:{port}/v1")
+                gw = stack.enter_context(gateway_process(recipe, name=f"replica-{i}"))
+                urls.append(gw.base_url)
             yield Cluster(urls, url)
     finally:
         pg.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -11,7 +10,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from asgi_llm.testing.processes import FakeUpstreamHandle, free_port, managed_process
+from asgi_llm.testing.processes import FakeUpstreamHandle, gateway_process
 from tests.conftest import UPSTREAM_KEYS
 from tests.services import redis_url
 
@@ -38,10 +37,8 @@ def two_replicas(upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle,
     urls = []
     with ExitStack() as stack:
         for i in range(2):
-            port = free_port()
-            args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port), "--log-level", "warning"]
-            stack.enter_context(managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", name=f"replica-{i}"))
-            urls.append(f"http://127.0.0.1:{port}/v1")
+            gw = stack.enter_context(gateway_process(recipe, name=f"replica-{i}"))
+            urls.append(gw.base_url)
         yield urls
 
 
