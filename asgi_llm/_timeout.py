@@ -56,10 +56,10 @@ class _AnyioTimeout:
 class _Deadlines:
     """The active timeouts of one event loop, and the one timer that expires them."""
 
-    __slots__ = ("__weakref__", "_loop", "_active", "_armed_at", "_handle")
+    __slots__ = ("loop_ref", "_active", "_armed_at", "_handle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop_ref = weakref.ref(loop)
         self._active: dict[_LoopTimeout, None] = {}  # insertion-ordered set
         self._armed_at = math.inf
         self._handle: asyncio.TimerHandle | None = None
@@ -81,12 +81,12 @@ class _Deadlines:
             self._handle.cancel()
         at = math.ceil(when / RESOLUTION_S) * RESOLUTION_S  # never early
         self._armed_at = at
-        self._handle = self._loop.call_at(at, self._fire)
+        self._handle = asyncio.get_running_loop().call_at(at, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
         self._armed_at = math.inf
-        now = self._loop.time()
+        now = asyncio.get_running_loop().time()
         due = [t for t in self._active if t.when <= now]
         for timeout in due:
             del self._active[timeout]
@@ -95,21 +95,20 @@ class _Deadlines:
             self._arm(min(t.when for t in self._active))
 
 
-_deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
+_current: _Deadlines | None = None
+"""The deadlines of the loop that last asked (a process normally runs one loop). Only
+this one is kept: a loop that is gone leaves at most one stale entry, replaced by the
+next loop's."""
 
 
 class _LoopTimeout:
     """``asyncio.timeout(seconds)`` on the loop's shared deadline timer."""
 
-    __slots__ = ("when", "_seconds", "_deadlines", "_task", "_cancelling", "_expired")
+    __slots__ = ("when", "_deadlines", "_task", "_cancelling", "_expired")
 
-    def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
-        self._seconds = seconds
-        deadlines = _deadlines.get(loop)
-        if deadlines is None:
-            deadlines = _deadlines[loop] = _Deadlines(loop)
+    def __init__(self, when: float, deadlines: _Deadlines) -> None:
+        self.when = when
         self._deadlines = deadlines
-        self.when = math.inf
         self._expired = False
 
     async def __aenter__(self) -> None:
@@ -118,7 +117,6 @@ class _LoopTimeout:
             raise RuntimeError("fail_after() must be used inside a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self.when = self._deadlines._loop.time() + self._seconds
         self._deadlines.add(self)
 
     async def __aexit__(
@@ -135,9 +133,13 @@ class _LoopTimeout:
 
 
 def fail_after(seconds: float) -> AbstractAsyncContextManager[object]:
-    """Raise ``TimeoutError`` if the block takes longer than ``seconds``."""
+    """Raise ``TimeoutError`` if the block takes longer than ``seconds`` (counted from now)."""
+    global _current
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return _AnyioTimeout(seconds)
-    return _LoopTimeout(seconds, loop)
+    deadlines = _current
+    if deadlines is None or deadlines.loop_ref() is not loop:
+        deadlines = _current = _Deadlines(loop)
+    return _LoopTimeout(loop.time() + seconds, deadlines)

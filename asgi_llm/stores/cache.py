@@ -1,7 +1,7 @@
 """Response-cache stores: one Protocol, a memory and a Redis implementation.
 
-* :class:`MemoryCacheStore` (``memory://``) -- cachetools' ``TLRUCache`` bounded both by
-  total bytes and by entry count, a TTL per entry, an injectable timer. One process;
+* :class:`MemoryCacheStore` (``memory://``) -- an LRU bounded both by total bytes and by
+  entry count, a TTL per entry, an injectable timer. One process;
   runs under asyncio and trio.
 * :class:`RedisCacheStore` (``redis://``, ``rediss://``) -- shared by every replica.
   **asyncio only** (``redis.asyncio``). Entries are ``SET <prefix><org>:<model>:<digest>
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote
@@ -107,6 +108,15 @@ class FlightLockSupport(Protocol):
 class MemoryCacheStore:
     """In-process cache bounded by bytes and by entries, with a TTL per entry.
 
+    Least recently used entries are evicted first when a bound is reached; expired ones
+    are dropped when read, when evicted, and by a sweep before counting or purging.
+
+    Entries are kept as tuples of plain values (``bytes``, ``float``, ``int``, ``str``) in
+    one ``OrderedDict``, so the garbage collector untracks them: a full cache is one
+    container to it, not tens of thousands of objects walked on every full collection
+    (with cachetools' ``TLRUCache`` those walks cost the full pipeline ~60 µs/request
+    under load — ``benchmarks/README.md``).
+
     Args:
         max_entries: at most this many entries (least recently used evicted first).
         max_bytes: at most this many bytes of values (plus a small per-entry overhead).
@@ -118,45 +128,63 @@ class MemoryCacheStore:
 
     def __init__(self, *, max_entries: int = 10_000, max_bytes: int = 256 << 20,
                  timer: Callable[[], float] = time.monotonic) -> None:
-        from cachetools import TLRUCache
-
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        # value = (bytes, ttl_s, size)
-        self._cache: TLRUCache[CacheKey, tuple[bytes, float, int]] = TLRUCache(
-            maxsize=max_bytes, ttu=lambda _k, v, now: now + v[1], timer=timer, getsizeof=lambda v: v[2]
-        )
+        self._timer = timer
+        # (org, model, digest) → (value, expires_at, size); least recently used first.
+        self._entries: OrderedDict[tuple[str, str, str], tuple[bytes, float, int]] = OrderedDict()
+        self._bytes = 0
 
     async def get(self, key: CacheKey) -> bytes | None:
-        item = self._cache.get(key)
-        return None if item is None else item[0]
+        ident = (key.org, key.model, key.digest)
+        item = self._entries.get(ident)
+        if item is None:
+            return None
+        if item[1] <= self._timer():
+            self._drop(ident)
+            return None
+        self._entries.move_to_end(ident)
+        return item[0]
 
     async def set(self, key: CacheKey, value: bytes, *, ttl_s: float) -> None:
         size = len(value) + len(key.storage_id) + _ENTRY_OVERHEAD
         if size > self.max_bytes or ttl_s <= 0:
             return
-        self._cache.pop(key, None)
-        self._cache.expire()
-        while len(self._cache) >= self.max_entries:
-            self._cache.popitem()  # least recently used
-        self._cache[key] = (value, ttl_s, size)
+        ident = (key.org, key.model, key.digest)
+        self._drop(ident)
+        entries = self._entries
+        while entries and (len(entries) >= self.max_entries or self._bytes + size > self.max_bytes):
+            _ident, (_v, _exp, old) = entries.popitem(last=False)  # least recently used
+            self._bytes -= old
+        entries[ident] = (value, self._timer() + ttl_s, size)
+        self._bytes += size
 
     async def purge(self, *, org: str | None = None, model: str | None = None) -> int:
-        self._cache.expire()
-        doomed = [k for k in list(self._cache.keys())
-                  if (org is None or k.org == org) and (model is None or k.model == model)]
-        for k in doomed:
-            self._cache.pop(k, None)
+        self._sweep()
+        doomed = [i for i in self._entries if (org is None or i[0] == org) and (model is None or i[1] == model)]
+        for ident in doomed:
+            self._drop(ident)
         return len(doomed)
 
+    def _drop(self, ident: tuple[str, str, str]) -> None:
+        item = self._entries.pop(ident, None)
+        if item is not None:
+            self._bytes -= item[2]
+
+    def _sweep(self) -> None:
+        now = self._timer()
+        for ident in [i for i, item in self._entries.items() if item[1] <= now]:
+            self._drop(ident)
+
     def __len__(self) -> int:
-        self._cache.expire()
-        return len(self._cache)
+        self._sweep()
+        return len(self._entries)
 
     @property
     def size_bytes(self) -> int:
         """Bytes currently counted against ``max_bytes``."""
-        return int(self._cache.currsize)
+        self._sweep()
+        return self._bytes
 
     async def start(self, task_group: TaskGroup) -> None:
         return None
