@@ -49,7 +49,9 @@ def app_from_env():  # type: ignore[no-untyped-def]
     from asgi_llm.config import load_config
     from asgi_llm.stack import build_gateway
 
-    return build_gateway(load_config(os.environ[_CONFIG_ENV]))
+    gateway = build_gateway(load_config(os.environ[_CONFIG_ENV]))
+    gateway.tune_gc = True  # the worker process is ours
+    return gateway
 
 
 @app.command()
@@ -75,6 +77,7 @@ def serve(
     opts = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop="auto", http="auto",
                 timeout_graceful_shutdown=30)
     if workers == 1:
+        gateway.tune_gc = True  # the process is ours
         uvicorn.run(gateway, lifespan="on", **opts)  # type: ignore[arg-type]
     else:
         os.environ[_CONFIG_ENV] = str(path)

@@ -106,6 +106,8 @@ class Gateway:
         self.resources = list(resources)
         self.extras: dict[str, Any] = dict(extras or {})
         self._stack: contextlib.AsyncExitStack | None = None
+        self.tune_gc = False
+        """Set by ``asgi-llm serve``, which owns its process: see :func:`tune_gc_for_serving`."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -138,6 +140,8 @@ class Gateway:
             warm = getattr(getattr(adapter, "transport", None), "warm", None)
             if warm is not None:
                 await warm()
+        if self.tune_gc:
+            tune_gc_for_serving()
 
     async def shutdown(self) -> None:
         """Close resources (flushing writers), stop background tasks, close provider pools."""
@@ -163,6 +167,25 @@ class Gateway:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def tune_gc_for_serving() -> None:
+    """Keep the garbage collector's cost per request small in a serving process.
+
+    ``gc.freeze()`` moves everything alive after startup (modules, pydantic and
+    SQLAlchemy machinery, the recipe: ~100k objects) out of the collector's sight, so a
+    full collection no longer walks them; a full collection of an unfrozen gateway took
+    ~65 ms and ran every ~1,000 requests under load. A larger first-generation threshold
+    (10,000 allocations instead of 700) makes young collections rarer; request objects
+    are freed by reference counting anyway. Only for a process the gateway owns
+    (``asgi-llm serve``): a host app that mounts the gateway keeps its own GC settings.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(10_000, gen1, gen2)
 
 
 @contextlib.asynccontextmanager

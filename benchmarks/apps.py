@@ -21,7 +21,9 @@ def dispatch_only() -> Gateway:
     """The recipe's gateway with every optional layer excluded (errors + context + dispatch)."""
     from asgi_llm.config import load_config
 
-    return build_gateway(load_config(os.environ["BENCH_RECIPE"]), exclude=OPTIONAL_LAYERS)
+    gateway = build_gateway(load_config(os.environ["BENCH_RECIPE"]), exclude=OPTIONAL_LAYERS)
+    gateway.tune_gc = True  # as `asgi-llm serve` does for the full rows
+    return gateway
 
 
 def layer_chain(gateway: Any) -> list[Any]:
