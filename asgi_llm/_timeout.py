@@ -106,17 +106,15 @@ class _LoopTimeout:
 
     __slots__ = ("when", "_deadlines", "_task", "_cancelling", "_expired")
 
-    def __init__(self, when: float, deadlines: _Deadlines) -> None:
+    def __init__(self, when: float, deadlines: _Deadlines, task: asyncio.Task[object]) -> None:
         self.when = when
         self._deadlines = deadlines
+        self._task = task
+        self._cancelling = 0
         self._expired = False
 
     async def __aenter__(self) -> None:
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - an async with always runs in a task
-            raise RuntimeError("fail_after() must be used inside a task")
-        self._task = task
-        self._cancelling = task.cancelling()
+        self._cancelling = self._task.cancelling()
         self._deadlines.add(self)
 
     async def __aexit__(
@@ -133,13 +131,21 @@ class _LoopTimeout:
 
 
 def fail_after(seconds: float) -> AbstractAsyncContextManager[object]:
-    """Raise ``TimeoutError`` if the block takes longer than ``seconds`` (counted from now)."""
+    """Raise ``TimeoutError`` if the block takes longer than ``seconds`` (counted from now).
+
+    Use it directly in ``async with``: the timeout belongs to the task that called it.
+    """
     global _current
     try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+        # One lookup: on Python 3.11 each asyncio.get_running_loop()/current_task()
+        # costs a getpid() system call (the loop's fork check).
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop running: trio
         return _AnyioTimeout(seconds)
+    if task is None:  # pragma: no cover - an ``async with`` always runs in a task
+        return asyncio.timeout(seconds)
+    loop = task.get_loop()
     deadlines = _current
     if deadlines is None or deadlines.loop_ref() is not loop:
         deadlines = _current = _Deadlines(loop)
-    return _LoopTimeout(loop.time() + seconds, deadlines)
+    return _LoopTimeout(loop.time() + seconds, deadlines, task)
