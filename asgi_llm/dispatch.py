@@ -17,6 +17,7 @@ the client sees.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
@@ -137,6 +138,45 @@ async def _relay_body(ctx: RequestContext, reply: UpstreamReply, attempt: Attemp
 
 async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send) -> None:
     """Relay chunks while watching for the client going away."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not asyncio (trio): anyio's task group
+        task = None
+    if task is None:
+        await _relay_stream_anyio(ctx, reply, attempt, receive, send)
+        return
+    # asyncio: a plain watcher task that cancels this one on a disconnect. It does what
+    # the anyio task group below does at a fraction of the cost (no cancel scopes, no
+    # checkpoints): profiles put the task group at ~20 % of a stream's relay CPU.
+    disconnected = False
+    cancelling = task.cancelling()
+
+    async def watch_disconnect() -> None:
+        nonlocal disconnected
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    task.cancel()
+                    return
+        except Exception:  # noqa: BLE001 - a server that cannot tell us: keep relaying
+            return
+
+    watcher = asyncio.ensure_future(watch_disconnect())
+    try:
+        await _pump(ctx, reply, attempt, send)
+    except asyncio.CancelledError:
+        # Our own cancel (and nobody else's): the client left mid-stream.
+        if disconnected and task.uncancel() <= cancelling:
+            ctx.state["client_disconnected"] = True
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send) -> None:
     failure: BaseException | None = None
     disconnected = False
 
