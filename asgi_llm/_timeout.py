@@ -29,7 +29,7 @@ from types import TracebackType
 
 import anyio
 
-__all__ = ["RESOLUTION_S", "fail_after"]
+__all__ = ["RESOLUTION_S", "TimeoutPerWait", "fail_after"]
 
 RESOLUTION_S = 0.01
 """Deadlines are checked on this grid: a timeout fires between 0 and 10 ms late."""
@@ -104,14 +104,21 @@ next loop's."""
 class _LoopTimeout:
     """``asyncio.timeout(seconds)`` on the loop's shared deadline timer."""
 
-    __slots__ = ("when", "_deadlines", "_task", "_cancelling", "_expired")
+    __slots__ = ("when", "_deadlines", "_task", "_loop", "_cancelling", "_expired")
 
-    def __init__(self, when: float, deadlines: _Deadlines, task: asyncio.Task[object]) -> None:
+    def __init__(self, when: float, deadlines: _Deadlines, task: asyncio.Task[object], loop: asyncio.AbstractEventLoop) -> None:
         self.when = when
         self._deadlines = deadlines
         self._task = task
+        self._loop = loop
         self._cancelling = 0
         self._expired = False
+
+    def again(self, seconds: float) -> _LoopTimeout:
+        """This timeout, ready to be entered once more with a new deadline (same task)."""
+        self.when = self._loop.time() + seconds
+        self._expired = False
+        return self
 
     async def __aenter__(self) -> None:
         self._cancelling = self._task.cancelling()
@@ -148,4 +155,32 @@ def fail_after(seconds: float) -> AbstractAsyncContextManager[object]:
     deadlines = _current
     if deadlines is None or deadlines.loop_ref() is not loop:
         deadlines = _current = _Deadlines(loop)
-    return _LoopTimeout(loop.time() + seconds, deadlines, task)
+    return _LoopTimeout(loop.time() + seconds, deadlines, task, loop)
+
+
+class TimeoutPerWait:
+    """``fail_after`` for each await of a loop in one task, e.g. every chunk of a stream.
+
+    ``async with waits(seconds): ...`` behaves like ``async with fail_after(seconds)``,
+    but under asyncio the same timeout object is reused from one wait to the next, so a
+    chunk costs no allocation and no task or loop lookup.
+
+    Example:
+        >>> waits = TimeoutPerWait()
+        >>> while True:
+        ...     async with waits(idle_s):
+        ...         chunk = await stream.__anext__()
+    """
+
+    __slots__ = ("_timeout",)
+
+    def __init__(self) -> None:
+        self._timeout: _LoopTimeout | None = None
+
+    def __call__(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        if self._timeout is not None:
+            return self._timeout.again(seconds)
+        timeout = fail_after(seconds)
+        if isinstance(timeout, _LoopTimeout):
+            self._timeout = timeout
+        return timeout

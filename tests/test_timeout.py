@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from asgi_llm import _timeout
-from asgi_llm._timeout import fail_after
+from asgi_llm._timeout import TimeoutPerWait, fail_after
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
@@ -100,3 +100,16 @@ async def test_a_timeout_in_one_task_does_not_touch_another() -> None:
 
     assert await asyncio.gather(slow(), fast()) == ["timed out", "finished"]
 
+
+
+@pytest.mark.anyio
+async def test_timeout_per_wait_times_out_a_later_wait() -> None:
+    waits = TimeoutPerWait()
+    for _ in range(5):
+        async with waits(1.0):
+            await anyio.sleep(0)
+    with pytest.raises(TimeoutError):
+        async with waits(0.02):
+            await anyio.sleep(5)
+    async with waits(1.0):  # usable again after a timeout
+        await anyio.sleep(0.03)

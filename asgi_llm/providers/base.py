@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 
 from asgi_llm._sse import SSEEvent, SSEParser
-from asgi_llm._timeout import fail_after
+from asgi_llm._timeout import TimeoutPerWait, fail_after
 from asgi_llm.errors import (
     UpstreamError,
     UpstreamProtocolError,
@@ -182,6 +182,7 @@ class UpstreamReply:
         parser = SSEParser()
         iterator = self.response.iter_chunks().__aiter__()
         ttft_deadline = self.sent_at + self.timeouts.ttft
+        waits = TimeoutPerWait()
         try:
             while True:
                 if self.first_content_at is None:
@@ -189,7 +190,7 @@ class UpstreamReply:
                 else:
                     wait = self.timeouts.idle
                 try:
-                    async with fail_after(max(wait, 0.001)):
+                    async with waits(max(wait, 0.001)):
                         data = await iterator.__anext__()
                 except StopAsyncIteration:
                     if parser.pending.strip():
