@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,7 +44,7 @@ from asgi_llm.config import KeyLimits
 from asgi_llm.errors import RateLimitError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.stores import StoreError
-from asgi_llm.stores.state import Admission, Limit, LimitStatus, StateStore
+from asgi_llm.stores.state import Admission, Limit, LimitStatus, Reservation, StateStore
 
 if TYPE_CHECKING:
     from asgi_llm.context import Principal, RequestContext
@@ -56,6 +57,7 @@ logger = logging.getLogger("asgi_llm.quota")
 
 FailurePolicy = Literal["closed", "open"]
 _MICRO = Decimal(1_000_000)
+_MAX_PLANS = 10_000  # cached (key, model) limit plans; the cache starts over beyond this
 
 
 def format_reset(seconds: float) -> str:
@@ -91,6 +93,8 @@ class QuotaMiddleware:
         default_max_tokens: completion tokens reserved when a request sets no max.
         lease_s: how long a concurrency slot survives a replica that died mid-request.
         settle_timeout_s: bound on the (shielded) settlement call.
+        price_of: a target's price (default: ``target.price``); called once per route,
+            so it must not change its answer for a target.
 
     Example:
         >>> app = QuotaMiddleware(app, store=MemoryStateStore(), org_limits=KeyLimits(rpm=600))
@@ -118,6 +122,12 @@ class QuotaMiddleware:
         self.lease_s = lease_s
         self.settle_timeout_s = settle_timeout_s
         self.price_of = price_of or (lambda t: t.price)
+        # A store whose settle never awaits can be neither slow nor cancelled: no scope needed.
+        self._shield_settle = not getattr(store, "settle_never_awaits", False)
+        # Per (key id, model): the principal the plan was built for, and its limit plan.
+        self._plans: dict[tuple[str, str], tuple[Principal, tuple[Limit, ...]]] = {}
+        # Per route name: the route the prices were read from (the router's are fixed), and them.
+        self._prices: dict[str, tuple[ModelRoute, _Pricing]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,7 +139,8 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         prompt_est, completion_cap = self._estimate(ctx)
-        spend_est = self._price_estimate(route, prompt_est, completion_cap)
+        pricing = self._pricing(route)
+        spend_est = pricing.estimate(prompt_est, completion_cap)
         limits = self.limits_for(ctx.principal, ctx.model, tokens=prompt_est + completion_cap, spend=spend_est)
         if not limits:
             await self.app(scope, receive, send)
@@ -157,20 +168,45 @@ class QuotaMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            tokens, spend = self._actual(ctx, route, prompt_est)
+            tokens, spend = _actual(ctx, pricing, prompt_est)
             ctx.state["quota"] = {"reserved_tokens": prompt_est + completion_cap, "reserved_spend_micro_usd": spend_est,
                                   "tokens": tokens, "spend_micro_usd": spend}
-            with anyio.move_on_after(self.settle_timeout_s, shield=True):
-                try:
-                    await self.store.settle(reservation, tokens=tokens, spend=spend)
-                except StoreError as exc:
-                    # The reserved amounts stay charged (the safe side); windows expire anyway.
-                    logger.warning("quota: settlement failed, reservation %s stays charged: %s", rid, exc.message)
+            if self._shield_settle:
+                with anyio.move_on_after(self.settle_timeout_s, shield=True):
+                    await self._settle(reservation, tokens, spend)
+            else:
+                await self._settle(reservation, tokens, spend)
+
+    async def _settle(self, reservation: Reservation, tokens: int, spend: int) -> None:
+        try:
+            await self.store.settle(reservation, tokens=tokens, spend=spend)
+        except StoreError as exc:
+            # The reserved amounts stay charged (the safe side); windows expire anyway.
+            logger.warning("quota: settlement failed, reservation %s stays charged: %s", reservation.id, exc.message)
 
     # ------------------------------------------------------------------ limits
 
     def limits_for(self, principal: Principal, model: str, *, tokens: int, spend: int) -> list[Limit]:
         """Every limit this request must fit in, with its reserved cost."""
+        key = (principal.key_id, model)
+        cached = self._plans.get(key)
+        # Stored keys get a new (equal) Principal per request; the recipe's are the same object.
+        if cached is None or (cached[0] is not principal and cached[0] != principal):
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            cached = self._plans[key] = (principal, self._plan(principal, model))
+        out: list[Limit] = []
+        for lim in cached[1]:
+            if lim.kind == "tokens":
+                lim = Limit("tokens", lim.scope, lim.limit, tokens, lim.label)
+            elif lim.kind == "spend_day" or lim.kind == "spend_month":
+                lim = Limit(lim.kind, lim.scope, lim.limit, spend, lim.label)
+            out.append(lim)
+        return out
+
+    def _plan(self, principal: Principal, model: str) -> tuple[Limit, ...]:
+        """The limits of ``principal`` on ``model``, in admission order; the token and
+        spend ones with cost 0, for :meth:`limits_for` to fill in."""
         from asgi_llm.auth.keys import PrincipalLimits
 
         key_limits: KeyLimits | None = None
@@ -181,10 +217,18 @@ class QuotaMiddleware:
             key_limits = principal.limits
         who = f"key '{principal.name or principal.key_id}'"
         out: list[Limit] = []
-        _add(out, key_limits, f"key:{principal.key_id}", who, tokens, spend)
-        _add(out, self.org_limits, f"org:{principal.org}", f"org '{principal.org}'", tokens, spend)
-        _add(out, model_limits, f"key:{principal.key_id}|model:{model}", f"{who} on model '{model}'", tokens, spend)
-        return out
+        _add(out, key_limits, f"key:{principal.key_id}", who)
+        _add(out, self.org_limits, f"org:{principal.org}", f"org '{principal.org}'")
+        _add(out, model_limits, f"key:{principal.key_id}|model:{model}", f"{who} on model '{model}'")
+        return tuple(out)
+
+    def _pricing(self, route: ModelRoute | None) -> _Pricing:
+        if route is None:
+            return _NO_PRICES
+        cached = self._prices.get(route.name)
+        if cached is None or cached[0] is not route:
+            cached = self._prices[route.name] = (route, _Pricing.of(route, self.price_of))
+        return cached[1]
 
     def _estimate(self, ctx: RequestContext) -> tuple[int, int]:
         prompt = math.ceil(len(ctx.body) / 4)
@@ -199,64 +243,108 @@ class QuotaMiddleware:
         n = payload.get("n")
         return prompt, int(cap) * (int(n) if _positive_int(n) else 1)
 
-    def _price_estimate(self, route: ModelRoute | None, prompt: int, completion: int) -> int:
-        if route is None:
-            return 0
-        prices = [p for p in (self.price_of(t) for t in route.targets) if p is not None]
-        if not prices:
-            return 0
-        return _micro_usd(prompt * max(p.input for p in prices) / _MICRO + completion * max(p.output for p in prices) / _MICRO)
-
-    def _actual(self, ctx: RequestContext, route: ModelRoute | None, prompt_est: int) -> tuple[int, int]:
-        prices: dict[str, Price | None] = {t.route: self.price_of(t) for t in route.targets} if route is not None else {}
-        tokens, cost = 0, Decimal(0)
-        for attempt in ctx.attempt_log:
-            usage = attempt.usage
-            if usage is not None:
-                prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-            elif attempt.content_chunks > 0:
-                prompt, completion, cached = prompt_est, attempt.content_chunks, 0
-            else:
-                continue
-            tokens += prompt + completion
-            price = prices.get(attempt.route)
-            if price is not None:
-                cached = min(cached, prompt)
-                cached_price = price.cached_input if price.cached_input is not None else price.input
-                cost += ((prompt - cached) * price.input + cached * cached_price + completion * price.output) / _MICRO
-        return tokens, _micro_usd(cost)
-
 
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _add(out: list[Limit], limits: KeyLimits | None, scope: str, label: str, tokens: int, spend: int) -> None:
+def _add(out: list[Limit], limits: KeyLimits | None, scope: str, label: str) -> None:
     if limits is None:
         return
     if limits.rpm is not None:
         out.append(Limit("requests", scope, limits.rpm, 1, label))
     if limits.tpm is not None:
-        out.append(Limit("tokens", scope, limits.tpm, tokens, label))
+        out.append(Limit("tokens", scope, limits.tpm, 0, label))
     if limits.concurrency is not None:
         out.append(Limit("concurrency", scope, limits.concurrency, 1, label))
     if limits.spend_usd_per_day is not None:
-        out.append(Limit("spend_day", scope, _micro_usd(limits.spend_usd_per_day), spend, label))
+        out.append(Limit("spend_day", scope, _micro_usd(limits.spend_usd_per_day), 0, label))
     if limits.spend_usd_per_month is not None:
-        out.append(Limit("spend_month", scope, _micro_usd(limits.spend_usd_per_month), spend, label))
+        out.append(Limit("spend_month", scope, _micro_usd(limits.spend_usd_per_month), 0, label))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pricing:
+    """A route's prices as integers: micro-USD per token × ``scale``, the least common
+    denominator of the prices. Estimates and charges are then exact integer sums, rounded
+    up to micro-USD once — what the Decimal formula gives, at a fraction of its cost."""
+
+    scale: int
+    max_input: int  # the estimate prices at the highest input and output prices of the targets
+    max_output: int
+    by_route: dict[str, tuple[int, int, int] | None]  # target route → (input, cached input, output)
+
+    @classmethod
+    def of(cls, route: ModelRoute, price_of: Callable[[Target], Price | None]) -> _Pricing:
+        pairs = [(t.route, price_of(t)) for t in route.targets]
+        listed = [p for _, p in pairs if p is not None]
+        scale = math.lcm(*(d.as_integer_ratio()[1] for p in listed for d in (p.input, p.output, p.cached_input) if d is not None))
+
+        def whole(d: Decimal) -> int:
+            num, den = d.as_integer_ratio()
+            return num * (scale // den)
+
+        return cls(
+            scale=scale,
+            max_input=max((whole(p.input) for p in listed), default=0),
+            max_output=max((whole(p.output) for p in listed), default=0),
+            by_route={r: None if p is None else (whole(p.input), whole(p.input if p.cached_input is None else p.cached_input),
+                                                 whole(p.output)) for r, p in pairs},  # a later target of a route wins
+        )
+
+    def estimate(self, prompt: int, completion: int) -> int:
+        """The reserved price of ``prompt`` + ``completion`` tokens, micro-USD rounded up."""
+        return _ceil_div(prompt * self.max_input + completion * self.max_output, self.scale)
+
+
+_NO_PRICES = _Pricing(scale=1, max_input=0, max_output=0, by_route={})
+
+
+def _actual(ctx: RequestContext, pricing: _Pricing, prompt_est: int) -> tuple[int, int]:
+    """Real usage of every attempt: (tokens, micro-USD rounded up)."""
+    tokens, cost = 0, 0  # cost in micro-USD × pricing.scale
+    for attempt in ctx.attempt_log:
+        usage = attempt.usage
+        if usage is not None:
+            prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        elif attempt.content_chunks > 0:
+            prompt, completion, cached = prompt_est, attempt.content_chunks, 0
+        else:
+            continue
+        tokens += prompt + completion
+        price = pricing.by_route.get(attempt.route)
+        if price is not None:
+            cached = min(cached, prompt)
+            cost += (prompt - cached) * price[0] + cached * price[1] + completion * price[2]
+    return tokens, _ceil_div(cost, pricing.scale)
+
+
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+_HEADERS = (
+    ("requests", b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"),
+    ("tokens", b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens"),
+)
 
 
 def rate_limit_headers(statuses: Sequence[LimitStatus]) -> list[tuple[bytes, bytes]]:
     """OpenAI's ``x-ratelimit-*`` headers for the most constrained request and token limits."""
+    tightest: dict[str, LimitStatus] = {}
+    for s in statuses:
+        kind = s.limit.kind
+        if kind == "requests" or kind == "tokens":
+            t = tightest.get(kind)
+            # Fewest remaining, then the longest reset; the first one on a tie.
+            if t is None or s.remaining < t.remaining or (s.remaining == t.remaining and s.reset_s > t.reset_s):
+                tightest[kind] = s
     out: list[tuple[bytes, bytes]] = []
-    for kind, suffix in (("requests", b"requests"), ("tokens", b"tokens")):
-        candidates = [s for s in statuses if s.limit.kind == kind]
-        if not candidates:
-            continue
-        s = min(candidates, key=lambda s: (s.remaining, -s.reset_s))
-        out.append((b"x-ratelimit-limit-" + suffix, str(s.limit.limit).encode()))
-        out.append((b"x-ratelimit-remaining-" + suffix, str(s.remaining).encode()))
-        out.append((b"x-ratelimit-reset-" + suffix, format_reset(s.reset_s).encode()))
+    for kind, limit_name, remaining_name, reset_name in _HEADERS:
+        status = tightest.get(kind)
+        if status is not None:
+            out += ((limit_name, str(status.limit.limit).encode()), (remaining_name, str(status.remaining).encode()),
+                    (reset_name, format_reset(status.reset_s).encode()))
     return out
 
 

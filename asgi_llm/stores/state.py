@@ -41,8 +41,8 @@ import datetime as dt
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from asgi_llm.stores import StoreError
 
@@ -73,7 +73,8 @@ class Limit:
     ``scope`` identifies the counter (``"key:k_1"``, ``"org:team-a"``,
     ``"key:k_1|model:chat"``); ``limit`` and ``cost`` are requests, tokens, in-flight
     requests or micro-USD according to ``kind``; ``label`` names the scope in messages;
-    ``window_s`` is the sliding window of ``requests``/``tokens``.
+    ``window_s`` is the sliding window of ``requests``/``tokens``, and ``window_ms`` the
+    same in whole milliseconds (computed once: admission reads it several times).
     """
 
     kind: LimitKind
@@ -82,10 +83,10 @@ class Limit:
     cost: int
     label: str = ""
     window_s: float = 60.0
+    window_ms: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def window_ms(self) -> int:
-        return max(1, int(self.window_s * 1000))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window_ms", max(1, int(self.window_s * 1000)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,10 @@ class Admission:
 
 class StateStore(Protocol):
     """Counters for limits, shared by whoever uses the same store.
+
+    A store whose :meth:`settle` never awaits may say so with a class attribute
+    ``settle_never_awaits = True``: callers can then skip the timeout and shield they
+    otherwise put around it.
 
     Example:
         >>> store = state_store_from_url("redis://127.0.0.1:6379/0")
@@ -170,7 +175,7 @@ def _status(limit: Limit, cur: int, prev: int, elapsed_ms: int, reset_ms: int, a
     else:
         used, reset = cur, reset_ms
     after = used + (limit.cost if admitted else 0)
-    return LimitStatus(limit=limit, used=used, remaining=max(0, limit.limit - after), reset_s=reset / 1000)
+    return LimitStatus(limit, used, max(0, limit.limit - after), reset / 1000)
 
 
 def _retry_after_ms(limit: Limit, cur: int, prev: int, elapsed_ms: int, reset_ms: int) -> int:
@@ -204,9 +209,9 @@ def _month_bounds(now_ms: int) -> tuple[int, int]:
 
 
 def _admission(limits: Sequence[Limit], raw: Sequence[tuple[str, int, int, int, int]], admitted: bool, rid: str) -> Admission:
-    statuses = tuple(_status(lim, cur, prev, el, rs, admitted) for lim, (_k, cur, prev, el, rs) in zip(limits, raw, strict=True))
+    statuses = tuple([_status(lim, cur, prev, el, rs, admitted) for lim, (_k, cur, prev, el, rs) in zip(limits, raw, strict=True)])
     if admitted:
-        entries = tuple((lim, key) for lim, (key, *_rest) in zip(limits, raw, strict=True))
+        entries = tuple([(lim, r[0]) for lim, r in zip(limits, raw, strict=True)])
         return Admission(True, statuses, reservation=Reservation(rid, entries))
     # Report the limit that will take longest to admit (all must fit).
     worst, wait = None, -1
@@ -237,11 +242,14 @@ def _settle_deltas(reservation: Reservation, tokens: int, spend: int) -> list[tu
 class MemoryStateStore:
     """Counters in this process's memory (one replica only); asyncio and trio.
 
-    Operations never await, so each is atomic with respect to other tasks.
+    Operations never await, so each is atomic with respect to other tasks (a subclass
+    whose ``settle`` awaits must set ``settle_never_awaits`` back to ``False``).
 
     Args:
         clock: seconds since the epoch (inject a fake one in tests).
     """
+
+    settle_never_awaits: ClassVar[bool] = True
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -271,38 +279,41 @@ class MemoryStateStore:
         self._sweep(now)
         raw: list[tuple[str, int, int, int, int]] = []
         ttls: list[int] = []
+        admitted = True
         for lim in limits:
-            if lim.kind in WINDOWED:
+            kind = lim.kind
+            if kind in WINDOWED:
                 w = lim.window_ms
                 idx = now // w
-                key = f"{lim.kind}:{lim.scope}:{idx}"
-                cur, prev = self._get(key, now), self._get(f"{lim.kind}:{lim.scope}:{idx - 1}", now)
-                raw.append((key, cur, prev, now - idx * w, w - (now - idx * w)))
+                key = f"{kind}:{lim.scope}:{idx}"
+                cur, prev = self._get(key, now), self._get(f"{kind}:{lim.scope}:{idx - 1}", now)
+                row = (key, cur, prev, now - idx * w, w - (now - idx * w))
                 ttls.append((idx + 2) * w)
-            elif lim.kind == "spend_day":
+            elif kind == "spend_day":
                 day = now // DAY_MS
                 key = f"spend_day:{lim.scope}:{day}"
-                raw.append((key, self._get(key, now), 0, now - day * DAY_MS, (day + 1) * DAY_MS - now))
+                row = (key, self._get(key, now), 0, now - day * DAY_MS, (day + 1) * DAY_MS - now)
                 ttls.append((day + 1) * DAY_MS + 3_600_000)
-            elif lim.kind == "spend_month":
+            elif kind == "spend_month":
                 month, reset = _month_bounds(now)
                 key = f"spend_month:{lim.scope}:{month}"
-                raw.append((key, self._get(key, now), 0, 0, reset))
+                row = (key, self._get(key, now), 0, 0, reset)
                 ttls.append(now + reset + 3_600_000)
             else:
                 key = f"concurrency:{lim.scope}"
                 leases = self._leases.setdefault(key, {})
                 for rid in [r for r, exp in leases.items() if exp <= now]:
                     del leases[rid]
-                raw.append((key, len(leases), 0, 0, 0))
+                row = (key, len(leases), 0, 0, 0)
                 ttls.append(0)
-        admitted = all(_fits(lim, cur, prev, el) for lim, (_k, cur, prev, el, _r) in zip(limits, raw, strict=True))
+            raw.append(row)
+            admitted = admitted and _fits(lim, row[1], row[2], row[3])
         if admitted:
-            for lim, (key, cur, *_), exp in zip(limits, raw, ttls, strict=True):
+            for lim, row, exp in zip(limits, raw, ttls, strict=True):
                 if lim.kind == "concurrency":
-                    self._leases[key][reservation_id] = now + int(lease_s * 1000)
+                    self._leases[row[0]][reservation_id] = now + int(lease_s * 1000)
                 else:
-                    self._counters[key] = (cur + lim.cost, exp)
+                    self._counters[row[0]] = (row[1] + lim.cost, exp)
         return _admission(limits, raw, admitted, reservation_id)
 
     async def settle(self, reservation: Reservation, *, tokens: int, spend: int) -> None:

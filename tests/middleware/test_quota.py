@@ -4,27 +4,30 @@ settlement on every exit path, headers, refusals, and the store-failure policy."
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.types import Receive, Scope, Send
 
 from asgi_llm.auth import KeyRing, MemoryKeyStore
 from asgi_llm.config import AuthConfig, KeyLimits, StaticKey
-from asgi_llm.context import Attempt, Principal, Usage
+from asgi_llm.context import Attempt, Principal, RequestContext, Usage
 from asgi_llm.middleware.auth import AuthMiddleware
 from asgi_llm.middleware.context import ContextMiddleware, ensure_context
 from asgi_llm.middleware.errors import ErrorMiddleware
-from asgi_llm.middleware.quota import QuotaMiddleware, format_reset
+from asgi_llm.middleware.quota import _MAX_PLANS, QuotaMiddleware, _actual, _Pricing, format_reset, rate_limit_headers
 from asgi_llm.providers.base import Timeouts
 from asgi_llm.providers.openai import OpenAIAdapter
 from asgi_llm.routing.router import ModelRoute, Price, Router, Target
 from asgi_llm.stack import Gateway, compose
 from asgi_llm.stores import StoreError
-from asgi_llm.stores.state import Limit, MemoryStateStore
+from asgi_llm.stores.state import Limit, LimitStatus, MemoryStateStore, Reservation
 from asgi_llm.testing.processes import FakeUpstreamHandle
 from tests.conftest import UPSTREAM_KEYS
 from tests.harness import Recorded, call
@@ -247,3 +250,134 @@ class TestFormat:
     def test_reset_format(self, s: float, text: str) -> None:
         """Reset durations use OpenAI's compact format."""
         assert format_reset(s) == text
+
+
+class TestPlans:
+    """Limit plans are cached per (key, model), never past a change of the key."""
+
+    def test_changed_limits_take_effect(self) -> None:
+        """A key updated in the key store (same id, new limits) gets its new limits at once."""
+        q = QuotaMiddleware(lambda *a: None, store=MemoryStateStore(), org_limits=KeyLimits(rpm=9))
+        before = q.limits_for(Principal(key_id="k1", org="o", limits=KeyLimits(rpm=5)), "chat", tokens=1, spend=0)
+        after = q.limits_for(Principal(key_id="k1", org="o", limits=KeyLimits(rpm=7, tpm=50)), "chat", tokens=3, spend=0)
+        assert [(lim.kind, lim.limit, lim.cost) for lim in before] == [("requests", 5, 1), ("requests", 9, 1)]
+        assert [(lim.kind, lim.limit, lim.cost) for lim in after] == [("requests", 7, 1), ("tokens", 50, 3), ("requests", 9, 1)]
+
+    def test_costs_are_per_request(self) -> None:
+        """Token and spend limits carry each request's own estimate; an equal principal reuses the plan."""
+        q = QuotaMiddleware(lambda *a: None, store=MemoryStateStore())
+        limits = KeyLimits(rpm=5, tpm=100, concurrency=2, spend_usd_per_day=Decimal("0.5"), spend_usd_per_month=3)
+        first = q.limits_for(Principal(key_id="k1", org="o", limits=limits), "chat", tokens=10, spend=20)
+        second = q.limits_for(Principal(key_id="k1", org="o", limits=limits), "chat", tokens=11, spend=21)
+        assert [lim.cost for lim in first] == [1, 10, 1, 20, 20] and [lim.cost for lim in second] == [1, 11, 1, 21, 21]
+        assert [lim.limit for lim in second] == [5, 100, 2, 500_000, 3_000_000]
+        assert first[0] is second[0]
+
+    def test_cache_is_bounded(self) -> None:
+        """Many keys do not grow the plan cache past its bound."""
+        q = QuotaMiddleware(lambda *a: None, store=MemoryStateStore())
+        for i in range(_MAX_PLANS + 5):
+            q.limits_for(Principal(key_id=f"k{i}", org="o", limits=KeyLimits(rpm=1)), "chat", tokens=1, spend=0)
+        assert len(q._plans) <= _MAX_PLANS
+
+
+_prices = st.builds(lambda n, places: Decimal(n).scaleb(-places), st.integers(0, 10**8), st.integers(0, 9))
+_tokens = st.integers(0, 10**7)
+
+
+def _ceil(usd: Decimal) -> int:
+    return int((usd * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+
+
+class TestPricing:
+    """Integer pricing gives exactly the micro-USD of the Decimal formula it replaced."""
+
+    @given(st.lists(st.tuples(_prices, _prices, st.none() | _prices), max_size=3), _tokens, _tokens)
+    def test_estimate(self, prices: list[tuple[Decimal, Decimal, Decimal | None]], prompt: int, completion: int) -> None:
+        """The reservation prices the prompt and completion at the route's highest prices."""
+        route = ModelRoute("m", tuple(Target(f"p{i}", "m", price=Price(*p)) for i, p in enumerate(prices)))
+        expected = _ceil(prompt * max(p[0] for p in prices) / 1_000_000 + completion * max(p[1] for p in prices) / 1_000_000) \
+            if prices else 0
+        assert _Pricing.of(route, lambda t: t.price).estimate(prompt, completion) == expected
+
+    @given(st.lists(st.none() | st.tuples(_prices, _prices, st.none() | _prices), min_size=1, max_size=3),
+           st.lists(st.tuples(st.integers(0, 3), st.none() | st.tuples(_tokens, _tokens, _tokens), st.integers(0, 50)), max_size=4),
+           _tokens)
+    def test_actual(self, prices: list[tuple[Decimal, Decimal, Decimal | None] | None],
+                    attempts: list[tuple[int, tuple[int, int, int] | None, int]], prompt_est: int) -> None:
+        """Settlement sums every attempt at its target's price (cached input at its own), rounded up once."""
+        targets = tuple(Target(f"p{i}", "m", price=None if p is None else Price(*p)) for i, p in enumerate(prices))
+        ctx = RequestContext(request_id="r")
+        for n, (i, usage, chunks) in enumerate(attempts):
+            ctx.attempt_log.append(Attempt(number=n, route=f"p{i}/m", provider=f"p{i}", model="m", started_at=0, content_chunks=chunks,
+                                           usage=None if usage is None else Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
+                                                                                  cached_tokens=usage[2])))
+        # The Decimal formula this layer used before.
+        by_route = {t.route: t.price for t in targets}
+        tokens, cost = 0, Decimal(0)
+        for a in ctx.attempt_log:
+            if a.usage is not None:
+                p, c, cached = a.usage.prompt_tokens, a.usage.completion_tokens, a.usage.cached_tokens
+            elif a.content_chunks > 0:
+                p, c, cached = prompt_est, a.content_chunks, 0
+            else:
+                continue
+            tokens += p + c
+            price = by_route.get(a.route)
+            if price is not None:
+                cached = min(cached, p)
+                cached_price = price.cached_input if price.cached_input is not None else price.input
+                cost += ((p - cached) * price.input + cached * cached_price + c * price.output) / 1_000_000
+        assert _actual(ctx, _Pricing.of(ModelRoute("m", targets), lambda t: t.price), prompt_est) == (tokens, _ceil(cost))
+
+    def test_a_changed_route_is_priced_again(self) -> None:
+        """Prices are read once per route object: another route of the same name gets its own."""
+        q = QuotaMiddleware(lambda *a: None, store=MemoryStateStore())
+        cheap = ModelRoute("m", (Target("p", "m", price=Price(Decimal(1), Decimal(1))),))
+        dear = ModelRoute("m", (Target("p", "m", price=Price(Decimal(3), Decimal(3))),))
+        assert [q._pricing(r).estimate(10, 0) for r in (cheap, dear, cheap)] == [10, 30, 10]
+
+
+_statuses = st.lists(st.builds(
+    lambda kind, limit, remaining, reset: LimitStatus(Limit(kind, "s", limit, 1), 0, remaining, reset),
+    st.sampled_from(["requests", "tokens", "concurrency"]), st.integers(1, 5), st.integers(0, 3), st.sampled_from([0.0, 0.02, 1.5, 61.4])),
+    max_size=6)
+
+
+class TestHeaders:
+    @given(_statuses)
+    def test_tightest_limit_per_kind(self, statuses: list[LimitStatus]) -> None:
+        """Per kind, the status with the fewest remaining, then the longest reset, then the first, in OpenAI's order."""
+        expected: list[tuple[bytes, bytes]] = []
+        for kind in ("requests", "tokens"):
+            candidates = [s for s in statuses if s.limit.kind == kind]
+            if candidates:
+                s = min(candidates, key=lambda s: (s.remaining, -s.reset_s))
+                expected += [(f"x-ratelimit-limit-{kind}".encode(), str(s.limit.limit).encode()),
+                             (f"x-ratelimit-remaining-{kind}".encode(), str(s.remaining).encode()),
+                             (f"x-ratelimit-reset-{kind}".encode(), format_reset(s.reset_s).encode())]
+        assert rate_limit_headers(statuses) == expected
+
+
+class TestSettleTimeout:
+    class Slow(MemoryStateStore):
+        settle_never_awaits = False
+
+        async def settle(self, reservation: Reservation, *, tokens: int, spend: int) -> None:
+            await anyio.sleep(30)
+
+    async def test_slow_settlement_is_bounded(self) -> None:
+        """A store whose settle can wait gets the settle timeout: the request ends anyway."""
+        async def ok(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async def as_principal(scope: Scope, receive: Receive, send: Send) -> None:
+            ctx, receive = await ensure_context(scope, receive)
+            ctx.principal = Principal(key_id="k1", org="o", limits=KeyLimits(rpm=5))
+            await quota(scope, receive, send)
+
+        quota = QuotaMiddleware(ok, store=self.Slow(), settle_timeout_s=0.05)
+        started = time.monotonic()
+        rec = await call(ErrorMiddleware(ContextMiddleware(as_principal)), body={"model": "chat", "messages": MESSAGES})
+        assert rec.status == 200 and time.monotonic() - started < 5

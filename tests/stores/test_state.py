@@ -170,6 +170,15 @@ class TestSettlement:
         assert (await reserve(subject, lim)).admitted
 
 
+class TestLimit:
+    def test_window_ms_is_derived(self) -> None:
+        """window_ms follows window_s (at least 1 ms) and takes no part in equality or repr."""
+        assert Limit("requests", "k", 1, 1).window_ms == 60_000
+        assert Limit("requests", "k", 1, 1, window_s=0.0001).window_ms == 1
+        assert Limit("requests", "k", 1, 1, window_s=2.5) == Limit("requests", "k", 1, 1, window_s=2.5)
+        assert "window_ms" not in repr(Limit("requests", "k", 1, 1))
+
+
 class TestExpiry:
     async def test_window_slides(self, subject: Subject) -> None:
         """A full window frees up gradually as it slides, and fully after two windows."""
