@@ -1,6 +1,6 @@
 """``python -m benchmarks memory``: RSS of a gateway row over a long run, and
 ``python -m benchmarks growth``: how throughput changes with prompt size and with the
-number of models / targets / keys in the recipe.
+number of models / targets / keys in the recipe and of enrolled nodes.
 
 Memory: the row runs (pinned) under wrk in back-to-back slices until the stated time
 or request count is reached, while a sampler reads ``VmRSS`` from
@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,30 @@ def memory_markdown(res: dict[str, Any]) -> str:
         f"{res['rss_max_mib']:.1f} | {res['change_pct']:+.1f} % — {verdict} |", ""])
 
 
+GROWTH_CASES: dict[str, dict[str, int]] = {
+    "1 model × 2 targets": {},
+    "10 models × 2 targets": {"models": 10},
+    "100 models × 2 targets": {"models": 100},
+    "1 model × 10 targets": {"targets": 10},
+    "1 model × 100 targets": {"targets": 100},
+    "1000 keys": {"keys": 1000},
+    # The model served only by N enrolled, online nodes (least-busy), all at the mock:
+    # what resolving, choosing and pooling per node costs as a fleet grows.
+    "1 model × 1 node": {"nodes": 1},
+    "1 model × 10 nodes": {"nodes": 10},
+    "1 model × 100 nodes": {"nodes": 100},
+}
+"""Recipe variants of the growth benchmark: label → :func:`~benchmarks.servers.full_recipe` arguments."""
+
+
 def measure_growth(*, row: str = "full", concurrency: int = 16, duration: float = 5, warmup: float = 1,
-                   reps: int = 1, tool: str = "auto", log: Any = print) -> dict[str, Any]:
-    """requests/s of ``row`` vs prompt size, and vs number of models / targets / keys."""
+                   reps: int = 1, tool: str = "auto", cases: Sequence[str] | None = None,
+                   prompt_sizes: Sequence[int] = (100, 10_000, 100_000), log: Any = print) -> dict[str, Any]:
+    """requests/s of ``row`` vs prompt size, and vs number of models / targets / keys / nodes.
+
+    ``cases`` picks labels of :data:`GROWTH_CASES` (default all); ``prompt_sizes=()``
+    skips the prompt part — both only to keep smoke runs short.
+    """
     out: dict[str, Any] = {"row": row, "concurrency": concurrency, "duration_s": duration, "prompt": [], "recipe": []}
     with tempfile.TemporaryDirectory(prefix="asgi-llm-bench-") as tmp, mock_upstream() as mock:
 
@@ -115,29 +137,39 @@ def measure_growth(*, row: str = "full", concurrency: int = 16, duration: float 
                     "p50_ms": statistics.median(r.latency_us["p50"] for r in runs) / 1000,
                     "errors": sum(r.errors for r in runs)}
 
-        for base_row in ("passthrough", row):
+        for base_row in ("passthrough", row) if prompt_sizes else ():
             with start_row(base_row, mock, Path(tmp)) as srv:
-                for size in (100, 10_000, 100_000):
+                for size in prompt_sizes:
                     m = measure(srv, size)
                     out["prompt"].append({"row": base_row, "prompt_bytes": size, **m})
                     log(f"  {base_row:12} prompt {size:>7} B  {m['rps']:8.0f} req/s  p50 {m['p50_ms']:.3f} ms")
-        for label, kwargs in [("1 model × 2 targets", {}), ("10 models × 2 targets", {"models": 10}),
-                              ("100 models × 2 targets", {"models": 100}), ("1 model × 10 targets", {"targets": 10}),
-                              ("1 model × 100 targets", {"targets": 100}), ("1000 keys", {"keys": 1000})]:
-            with start_row(row, mock, Path(tmp), recipe_kwargs=kwargs) as srv:
+        for label in cases or GROWTH_CASES:
+            with start_row(row, mock, Path(tmp), recipe_kwargs=GROWTH_CASES[label]) as srv:
                 m = measure(srv)
-                out["recipe"].append({"recipe": label, "layers": srv.layers, **m})
+                entry = {"recipe": label, "layers": srv.layers, **m}
+                if srv.fleet is not None:
+                    entry["nodes"] = {"count": len(srv.fleet.credentials), "how": srv.fleet.describe(),
+                                      "heartbeats": srv.fleet.heartbeats, "heartbeat_failures": srv.fleet.failures}
+                out["recipe"].append(entry)
                 log(f"  {row:12} {label:24} {m['rps']:8.0f} req/s  p50 {m['p50_ms']:.3f} ms")
     return out
 
 
 def growth_markdown(res: dict[str, Any]) -> str:
-    lines = [f"c={res['concurrency']}, {res['duration_s']:g} s per cell, non-stream.", "",
-             "| row | prompt bytes | requests/s | p50 ms | errors |", "|---|---:|---:|---:|---:|"]
-    for r in res["prompt"]:
-        lines.append(f"| {r['row']} | {r['prompt_bytes']:,} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['errors']} |")
-    lines += ["", f"| {res['row']} recipe | requests/s | p50 ms | errors |", "|---|---:|---:|---:|"]
+    lines = [f"c={res['concurrency']}, {res['duration_s']:g} s per cell, non-stream.", ""]
+    if res["prompt"]:
+        lines += ["| row | prompt bytes | requests/s | p50 ms | errors |", "|---|---:|---:|---:|---:|"]
+        for r in res["prompt"]:
+            lines.append(f"| {r['row']} | {r['prompt_bytes']:,} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['errors']} |")
+        lines.append("")
+    lines += [f"| {res['row']} recipe | requests/s | p50 ms | errors |", "|---|---:|---:|---:|"]
     for r in res["recipe"]:
         lines.append(f"| {r['recipe']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['errors']} |")
+    fleets = [r for r in res["recipe"] if "nodes" in r]
+    if fleets:
+        lines += ["", f"Node rows: the model is served only by `{{nodes: any}}` (least-busy); "
+                      f"{fleets[-1]['nodes']['how']}. Heartbeats sent (failed) per row: "
+                  + ", ".join(f"{r['recipe']} {r['nodes']['heartbeats']} ({r['nodes']['heartbeat_failures']})"
+                              for r in fleets) + "."]
     return "\n".join(lines) + "\n"
 

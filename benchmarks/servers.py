@@ -14,11 +14,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import yaml
 
 from asgi_llm.testing.processes import free_port, managed_process
@@ -27,12 +30,14 @@ __all__ = [
     "LOAD_CPU",
     "ROWS",
     "SERVER_CPU",
+    "NodeFleet",
     "Row",
     "RowServer",
     "client_key",
     "find_litellm",
     "full_recipe",
     "mock_upstream",
+    "online_nodes",
     "pin",
     "start_row",
 ]
@@ -42,6 +47,10 @@ LOAD_CPU = 1 if (os.cpu_count() or 1) > 1 else 0
 REPO = Path(__file__).resolve().parent.parent
 CLIENT_KEY = "sk-bench-" + "5f0c2a9e7b1d4c3a8e6f9b2d1c7a4e3f" * 2
 """Sent by every load generator; declared in the full recipe and as LiteLLM's master key."""
+ADMIN_KEY = "sk-bench-admin-" + "9d3e7a1c5b2f4e8a" * 2
+"""Declared as ``auth.admin_keys`` only in recipes with nodes: it mints their enrollment tokens."""
+NODE_MODEL = "chat"
+"""The model every benchmark node serves: the load generator's model, and the mock's."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class RowServer:
     pid: int | None = None
     layers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    fleet: NodeFleet | None = None
+    """The nodes enrolled with this row (``recipe_kwargs={"nodes": N}``), else None."""
 
 
 @contextlib.contextmanager
@@ -98,7 +109,11 @@ def mock_upstream(*, faults: Sequence[dict[str, Any]] = (), cpu: int = LOAD_CPU)
         yield f"http://127.0.0.1:{port}"
 
 
-def _base_recipe(mock: str, *, targets: int = 2, models: int = 1) -> dict[str, Any]:
+def _base_recipe(mock: str, *, targets: int = 2, models: int = 1, nodes: int = 0) -> dict[str, Any]:
+    """Providers and models. With ``nodes``, the benchmark model (``chat``) is served by
+    enrolled nodes only (``{nodes: any}``, ``least-busy`` as recipes/node.md recommends),
+    so every request goes through node resolution; the nodes themselves are enrolled
+    once the gateway runs (:func:`online_nodes`)."""
     providers = {"mock": {"base_url": f"{mock}/v1", "api_keys": ["sk-upstream"]},
                  "mock-b": {"base_url": f"{mock}/v1", "api_keys": ["sk-upstream"]}}
     names = ["chat"] + [f"chat-{i}" for i in range(1, models)]
@@ -107,6 +122,8 @@ def _base_recipe(mock: str, *, targets: int = 2, models: int = 1) -> dict[str, A
     for name in names:
         tlist = [{"provider": "mock" if i % 2 == 0 else "mock-b", "model": "chat", "price": price} for i in range(targets)]
         model_cfg[name] = {"strategy": "priority", "targets": tlist}
+    if nodes:
+        model_cfg[NODE_MODEL] = {"strategy": "least-busy", "targets": [{"nodes": "any", "model": NODE_MODEL, "price": price}]}
     return {"providers": providers, "models": model_cfg}
 
 
@@ -142,9 +159,23 @@ def shared_stores() -> dict[str, str]:
     return {"state": BENCH_REDIS, "cache": BENCH_REDIS, "ledger": f"{BENCH_PG_ADMIN}/{BENCH_PG_DB}"}
 
 
-def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, keys: int = 1,
+def _ledger_path(workdir: Path, nodes: int) -> Path:
+    """The SQLite ledger. Node records live there, so a recipe with nodes gets a fresh
+    file: nodes left (offline) by an earlier row would still be scanned on every request
+    and their names would clash with the new enrollments."""
+    if not nodes:
+        return workdir / "ledger.db"
+    fd, name = tempfile.mkstemp(dir=workdir, prefix=f"ledger-{nodes}-nodes-", suffix=".db")
+    os.close(fd)
+    return Path(name)
+
+
+def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, keys: int = 1, nodes: int = 0,
                 shared: bool = False) -> tuple[dict[str, Any], list[str]]:
     """The "full pipeline" recipe: auth + limits + cache + failover (2 targets) + stores.
+
+    ``nodes`` > 0 routes the benchmark model to enrolled nodes (see :func:`_base_recipe`)
+    and adds the admin key that mints their enrollment tokens.
 
     Sections this build refuses (it raises ``ConfigError`` for settings it cannot
     enforce yet) are dropped one by one and reported, so the row picks up each layer
@@ -153,12 +184,14 @@ def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, 
     from asgi_llm.config import ConfigError, config_from_dict
     from asgi_llm.stack import build_gateway
 
-    recipe = _base_recipe(mock, targets=targets, models=models)
+    recipe = _base_recipe(mock, targets=targets, models=models, nodes=nodes)
     big = 10**9
     recipe["stores"] = (shared_stores() if shared else
-                        {"state": "memory://", "cache": "memory://", "ledger": f"sqlite:///{workdir / 'ledger.db'}"})
+                        {"state": "memory://", "cache": "memory://", "ledger": f"sqlite:///{_ledger_path(workdir, nodes)}"})
     recipe["auth"] = {"keys": [{"key": CLIENT_KEY if i == 0 else f"{CLIENT_KEY}-{i}", "org": f"org-{i % 10}",
                                 "limits": {"rpm": big, "tpm": big}} for i in range(keys)]}
+    if nodes:
+        recipe["auth"]["admin_keys"] = [ADMIN_KEY]
     recipe["limits"] = {"org": {"rpm": big, "tpm": big}}
     recipe["cache"] = {"enabled": True, "ttl_s": 300}
     dropped: list[str] = []
@@ -180,6 +213,102 @@ def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, 
 def write_recipe(recipe: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+@dataclass
+class NodeFleet:
+    """Direct-mode nodes enrolled with a running gateway and kept online by heartbeats
+    sent from the benchmark process (see :func:`online_nodes` for why no agents)."""
+
+    gateway: str
+    credentials: list[str] = field(default_factory=list)
+    interval_s: float = 5.0
+    heartbeats: int = 0
+    failures: int = 0
+
+    def heartbeat(self, http: httpx2.Client, credential: str) -> bool:
+        """One ``POST /nodes/heartbeat`` with the body of an idle, ready agent."""
+        try:
+            ok = http.post("/nodes/heartbeat", json={"status": "ready", "load": {"in_flight": 0.0}},
+                           headers={"authorization": f"Bearer {credential}"}).status_code == 200
+        except httpx2.HTTPError:
+            ok = False
+        self.heartbeats += 1
+        self.failures += not ok
+        return ok
+
+    def keep_alive(self, http: httpx2.Client, stop: threading.Event) -> None:
+        """Heartbeat every node once per interval, spread evenly over it: real agents are
+        not in phase, and a burst of N heartbeats would show up as latency spikes."""
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {LOAD_CPU})  # this thread only: core 0 stays the row's alone
+        gap = self.interval_s / max(1, len(self.credentials))
+        while True:
+            for credential in self.credentials:
+                if stop.wait(gap):
+                    return
+                self.heartbeat(http, credential)
+
+    def describe(self) -> str:
+        """How the nodes were enrolled and kept online (for the results)."""
+        return ("direct-mode nodes at the mock, enrolled over HTTP by the benchmark process "
+                f"(POST /admin/enrollment-tokens → POST /nodes/enroll, one token each) and kept online by "
+                f"POST /nodes/heartbeat every {self.interval_s:g} s per node from one thread on core {LOAD_CPU}")
+
+
+def _json_ok(resp: httpx2.Response) -> dict[str, Any]:
+    if resp.status_code not in (200, 201):
+        raise RuntimeError(f"{resp.request.method} {resp.request.url.path}: {resp.status_code} {resp.text[:300]}")
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+@contextlib.contextmanager
+def online_nodes(gateway: str, mock: str, count: int) -> Iterator[NodeFleet]:
+    """Enroll ``count`` direct-mode nodes serving :data:`NODE_MODEL` at ``mock`` and keep
+    them online for the ``with`` block.
+
+    It is the real enrollment flow minus the agent processes: an admin mints a one-time
+    token, the node exchanges it for a credential (``mode: direct``) and heartbeats at
+    the interval the gateway hands back. A hundred ``asgi-llm node join`` processes would
+    not fit on 2 cores beside the row, and each would add its own proxy hop; with the
+    mock as every node's URL (it ignores the gateway's per-node call secret) the row
+    measures what N nodes cost the gateway — records scanned per request, one
+    connection pool per node, heartbeats handled — and nothing else.
+
+    Yields once ``GET /admin/nodes`` shows every node online and a request for the
+    model was routed to a node (``x-asgi-llm-route: node:…``).
+    """
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    fleet = NodeFleet(gateway)
+    with httpx2.Client(base_url=gateway, timeout=10, trust_env=False) as http:
+        for i in range(count):
+            token = _json_ok(http.post("/admin/enrollment-tokens", headers=admin,
+                                       json={"org": "bench-nodes", "shared_with": ["*"]}))["token"]
+            enrolled = _json_ok(http.post("/nodes/enroll", headers={"authorization": f"Bearer {token}"}, json={
+                "name": f"bench-node-{i:03d}", "mode": "direct", "url": f"{mock}/v1", "models": [{"id": NODE_MODEL}]}))
+            fleet.credentials.append(enrolled["credential"])
+            fleet.interval_s = float(enrolled["heartbeat_interval_s"])
+        for credential in fleet.credentials:
+            fleet.heartbeat(http, credential)  # a node is online from its first heartbeat
+        if fleet.failures:
+            raise RuntimeError(f"{fleet.failures} of {count} first heartbeats failed")
+        status = [n["status"] for n in _json_ok(http.get("/admin/nodes", headers=admin))["data"]]
+        if status.count("online") != count:
+            raise RuntimeError(f"expected {count} online nodes, the gateway lists {status}")
+        probe = http.post("/v1/chat/completions", headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                          json={"model": NODE_MODEL, "messages": [{"role": "user", "content": "which route?"}]})
+        route = probe.headers.get("x-asgi-llm-route", "")
+        if probe.status_code != 200 or not route.startswith("node:"):
+            raise RuntimeError(f"{NODE_MODEL} is not served by a node: {probe.status_code} route {route!r} {probe.text[:200]}")
+        stop = threading.Event()
+        beat = threading.Thread(target=fleet.keep_alive, args=(http, stop), name="bench-node-heartbeats", daemon=True)
+        beat.start()
+        try:
+            yield fleet
+        finally:
+            stop.set()
+            beat.join()
 
 
 def _gateway_layers(recipe: dict[str, Any], *, dispatch_only: bool) -> list[str]:
@@ -218,10 +347,15 @@ class Skip(Exception):
 @contextlib.contextmanager
 def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
               recipe_kwargs: dict[str, Any] | None = None) -> Iterator[RowServer]:
-    """Start the server for ``row`` (pinned to :data:`SERVER_CPU`) and yield it."""
+    """Start the server for ``row`` (pinned to :data:`SERVER_CPU`) and yield it.
+
+    ``recipe_kwargs`` go to :func:`full_recipe`; with ``nodes: N`` (full rows only) the
+    row is yielded with N nodes enrolled and online (:func:`online_nodes`).
+    """
     if row == "direct":
         yield RowServer(row, mock, layers=["(none: the mock itself)"])
         return
+    nodes = int((recipe_kwargs or {}).get("nodes", 0))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
@@ -234,6 +368,8 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
         env["BENCH_UPSTREAM"] = mock
         server.layers = ["uvicorn + aiohttp relay"]
     elif row in ("dispatch", "full", "full-shared"):
+        if nodes and row == "dispatch":
+            raise ValueError("nodes need the auth layer, which the dispatch row excludes")
         recipe, dropped = full_recipe(mock, workdir, **(recipe_kwargs or {}), shared=row == "full-shared")
         if row == "dispatch":
             recipe = _base_recipe(mock, **{k: v for k, v in (recipe_kwargs or {}).items() if k in ("targets", "models")})
@@ -269,7 +405,11 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
         raise Skip(f"LiteLLM did not start: {tail}") from None
     try:
         server.pid = mp.proc.pid
-        yield server
+        with contextlib.ExitStack() as fleet:
+            if nodes:
+                server.fleet = fleet.enter_context(online_nodes(url, mock, nodes))
+                server.notes.append(f"{nodes} {server.fleet.describe()}")
+            yield server
     except BaseException as exc:
         if not cm.__exit__(type(exc), exc, exc.__traceback__):
             raise

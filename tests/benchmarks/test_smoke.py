@@ -47,3 +47,15 @@ class TestHarnessSmoke:
         data = json.loads((tmp_path / "layers-latest.json").read_text())
         for rows in data["result"]["modes"].values():
             assert all(r["status"] == 200 for r in rows), rows
+
+    def test_growth_node_rows(self) -> None:
+        """The growth benchmark's node case: 10 nodes enrolled and online, served with no
+        errors, and a "1 model × 10 nodes" line in the recipe table."""
+        from benchmarks.memory import growth_markdown, measure_growth
+
+        res = measure_growth(cases=["1 model × 10 nodes"], prompt_sizes=(), duration=1, warmup=0,
+                             log=lambda *_: None)
+        (row,) = res["recipe"]
+        assert row["errors"] == 0 and row["rps"] > 0, row
+        assert row["nodes"]["count"] == 10 and row["nodes"]["heartbeat_failures"] == 0, row["nodes"]
+        assert re.search(r"^\| 1 model × 10 nodes \| \d+ \|", growth_markdown(res), re.MULTILINE)
