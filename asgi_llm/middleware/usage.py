@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm.context import Attempt, RequestContext, Usage
 from asgi_llm.middleware.context import ensure_context
-from asgi_llm.observability import logs
+from asgi_llm.observability.logs import LogBinding
 from asgi_llm.usage.estimate import ESTIMATORS, PromptEstimator, count_content_pieces, estimate_prompt_chars
 from asgi_llm.usage.pricing import Pricer
 from asgi_llm.usage.records import LedgerRow
@@ -45,13 +46,20 @@ __all__ = ["UsageMiddleware", "build_usage_layer", "prompt_hash"]
 
 log = logging.getLogger("asgi_llm.usage")
 _PROMPT_TEXT_MAX = 4000
+# json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False), without
+# building an encoder per call.
+_PROMPT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def _prompt_json(payload: dict[str, Any]) -> str | None:
     for name in ("messages", "prompt", "input"):
         if name in payload:
-            return json.dumps(payload[name], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            return _PROMPT_ENCODER.encode(payload[name])
     return None
+
+
+def _hash_prompt_json(org: str, text: str) -> str:
+    return hashlib.sha256(f"{org}\0{text}".encode()).hexdigest()
 
 
 def prompt_hash(org: str, payload: dict[str, Any]) -> str | None:
@@ -59,9 +67,7 @@ def prompt_hash(org: str, payload: dict[str, Any]) -> str | None:
     the same prompt sent to two public models has the same hash within an org, and
     none across orgs."""
     text = _prompt_json(payload)
-    if text is None:
-        return None
-    return hashlib.sha256(f"{org}\0{text}".encode()).hexdigest()
+    return None if text is None else _hash_prompt_json(org, text)
 
 
 class UsageMiddleware:
@@ -95,6 +101,7 @@ class UsageMiddleware:
         self.tracer = tracer
         self.prompt_estimator = prompt_estimator
         self.prompt_content_orgs = frozenset(prompt_content_orgs)
+        self._binding = LogBinding("org", "key_id")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,7 +111,7 @@ class UsageMiddleware:
         if not ctx.is_inference:
             await self.app(scope, receive, send)
             return
-        tokens = logs.bind(org=ctx.principal.org, key_id=ctx.principal.key_id)
+        tokens = self._binding.bind(ctx.principal.org, ctx.principal.key_id)
         seen = _Seen()
 
         async def observe(message: Message) -> None:
@@ -123,18 +130,16 @@ class UsageMiddleware:
                 self.record(ctx, seen)
             except Exception:  # pragma: no cover - metering must never break a response
                 log.exception("usage: could not record request %s", ctx.request_id)
-            logs.unbind(tokens)
+            self._binding.unbind(tokens)
 
     # ------------------------------------------------------------------ rows
     def record(self, ctx: RequestContext, seen: _Seen | None = None) -> list[LedgerRow]:
         """Build, count and hand over the request's rows; sets ``ctx.cost``."""
         seen = seen or _Seen()
         p = ctx.principal
-        phash = prompt_hash(p.org, ctx.payload)
-        ptext = None
-        if p.org in self.prompt_content_orgs:
-            raw = _prompt_json(ctx.payload)
-            ptext = raw[:_PROMPT_TEXT_MAX] if raw else None
+        raw = _prompt_json(ctx.payload)
+        phash = None if raw is None else _hash_prompt_json(p.org, raw)
+        ptext = raw[:_PROMPT_TEXT_MAX] if raw and p.org in self.prompt_content_orgs else None
         base = dict(request_id=ctx.request_id, org=p.org, key_id=p.key_id, model=ctx.model or "",
                     endpoint=ctx.endpoint, stream=ctx.stream, cache_status=ctx.cache_status,
                     prompt_hash=phash, prompt_text=ptext)
@@ -210,8 +215,6 @@ class UsageMiddleware:
         quote = self.pricer.quote(target_price=target.price if target is not None else None, route=route,
                                   model=target.model if target else upstream_model, usage=usage,
                                   provider=target.provider if target else provider)
-        import time
-
         return LedgerRow(
             **base, route=route, provider=target.provider if target else provider,
             upstream_model=target.model if target else upstream_model, attempt=0, node=_node(target, provider),

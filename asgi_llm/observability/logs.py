@@ -1,17 +1,18 @@
 """structlog setup and per-request binding.
 
 The gateway binds ``request_id``, ``endpoint``, ``model`` (and, once known, ``org`` and
-``route``) with :func:`structlog.contextvars.bind_contextvars` and restores the previous
-values afterwards with the returned tokens — it never calls ``clear_contextvars()``, so a
-host app's own bound context survives.
+``key_id``) into structlog's context-local context and restores the previous values
+afterwards — it never calls ``clear_contextvars()``, so a host app's own bound context
+survives.
 """
 
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar, Token
 from typing import Any
 
-__all__ = ["bind", "configure_logging", "prepare", "unbind"]
+__all__ = ["LogBinding", "configure_logging", "prepare"]
 
 
 def prepare() -> None:
@@ -40,15 +41,33 @@ def configure_logging(*, json: bool = True, level: int | str = logging.INFO) -> 
     )
 
 
-def bind(**values: Any) -> Any:
-    """Bind values to the current context; returns tokens for :func:`unbind`."""
-    from structlog.contextvars import bind_contextvars
+class LogBinding:
+    """Binds a fixed set of keys per request, as ``bind_contextvars`` / ``reset_contextvars`` do.
 
-    return bind_contextvars(**{k: v for k, v in values.items() if v is not None})
+    The ContextVars are structlog's own (``merge_contextvars`` and a host app's
+    ``bind_contextvars`` see the same ones), looked up once here: structlog's helpers
+    format each key's name and build keyword dicts on every call, twice per request.
 
+    Example:
+        >>> binding = LogBinding("org", "key_id")
+        >>> tokens = binding.bind(ctx.principal.org, ctx.principal.key_id)
+        >>> binding.unbind(tokens)  # restores what was bound before
+    """
 
-def unbind(tokens: Any) -> None:
-    """Restore what was bound before :func:`bind`."""
-    from structlog.contextvars import reset_contextvars
+    __slots__ = ("_vars",)
 
-    reset_contextvars(**tokens)
+    def __init__(self, *keys: str) -> None:
+        from structlog.contextvars import bind_contextvars, reset_contextvars
+
+        tokens = bind_contextvars(**dict.fromkeys(keys))
+        reset_contextvars(**tokens)
+        self._vars: tuple[ContextVar[Any], ...] = tuple(tokens[k].var for k in keys)
+
+    def bind(self, *values: Any) -> list[Token[Any]]:
+        """Bind one value per key, in order (``None``: left as it is); returns tokens for :meth:`unbind`."""
+        return [var.set(v) for var, v in zip(self._vars, values, strict=True) if v is not None]
+
+    def unbind(self, tokens: list[Token[Any]]) -> None:
+        """Restore what was bound before :meth:`bind`."""
+        for token in tokens:
+            token.var.reset(token)

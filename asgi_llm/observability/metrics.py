@@ -54,12 +54,42 @@ class GatewayMetrics:
         self.ttft = Histogram("asgi_llm_ttft_seconds", "Time to first token (streams).",
                               ["model", "target"], buckets=_LATENCY_BUCKETS, registry=r)
         self._writers: list[BatchWriter[Any]] = []
-        self._children: dict[tuple[str, str], dict[str, Any]] = {}
+        # Resolving labels costs a lock and a tuple hash per call, several times a
+        # request; the label values are few (endpoints, public models, the recipe's
+        # targets and enrolled nodes, statuses, error codes) and prometheus keeps every
+        # child anyway, so each labelled child is resolved once and kept here.
+        self._in_flight: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, str], _RequestChildren] = {}
+        self._route_children: dict[tuple[str, str], _RouteChildren] = {}
         r.register(_WriterCollector(self._writers))
 
     def watch_writer(self, writer: BatchWriter[Any]) -> None:
         """Export a batch writer's backlog, spills and failures."""
         self._writers.append(writer)
+
+    def in_flight_child(self, endpoint: str) -> Any:
+        """``requests_in_flight{endpoint}``: :meth:`inc` it when a request starts, ``dec`` when it ends."""
+        child = self._in_flight.get(endpoint)
+        if child is None:
+            child = self._in_flight[endpoint] = self.in_flight.labels(endpoint)
+        return child
+
+    def record_request(self, endpoint: str, model: str, status: int, elapsed_s: float, error: str | None) -> None:
+        """Count one finished request: its status, its duration and its error (if any)."""
+        c = self._request_children.get((endpoint, model))
+        if c is None:
+            c = self._request_children[(endpoint, model)] = _RequestChildren(
+                self.duration.labels(endpoint, model))
+        requests = c.by_status.get(status)
+        if requests is None:
+            requests = c.by_status[status] = self.requests.labels(endpoint, model, str(status))
+        requests.inc()
+        c.duration.observe(elapsed_s)
+        if error is not None:
+            errors = c.by_error.get(error)
+            if errors is None:
+                errors = c.by_error[error] = self.errors.labels(endpoint, model, error)
+            errors.inc()
 
     def record_row(self, row: LedgerRow) -> None:
         """Count one ledger row (one attempt or cache hit)."""
@@ -67,43 +97,62 @@ class GatewayMetrics:
             self.cache_hits.labels(row.model).inc()
             self.cache_saved.labels(row.model).inc(float(row.saved_usd))
             return
-        c = self._route_children(row.model, row.route)
-        outcome = c.get(row.outcome)
+        c = self._route_children.get((row.model, row.route))
+        if c is None:
+            c = self._route_children[(row.model, row.route)] = self._new_route_children(row.model, row.route)
+        outcome = c.by_outcome.get(row.outcome)
         if outcome is None:
-            outcome = c[row.outcome] = self.attempts.labels(row.model, row.route, row.outcome)
+            outcome = c.by_outcome[row.outcome] = self.attempts.labels(row.model, row.route, row.outcome)
         outcome.inc()
         if row.prompt_tokens:
-            c["prompt"].inc(row.prompt_tokens)
+            c.prompt.inc(row.prompt_tokens)
         if row.completion_tokens:
-            c["completion"].inc(row.completion_tokens)
+            c.completion.inc(row.completion_tokens)
         if row.cached_tokens:
-            c["cached"].inc(row.cached_tokens)
+            c.cached.inc(row.cached_tokens)
         if row.reasoning_tokens:
-            c["reasoning"].inc(row.reasoning_tokens)
+            c.reasoning.inc(row.reasoning_tokens)
         if row.cost_usd:
-            c["cost"].inc(float(row.cost_usd))
-        c["duration"].observe(row.latency_ms / 1000)
+            c.cost.inc(float(row.cost_usd))
+        c.duration.observe(row.latency_ms / 1000)
         if row.ttft_ms is not None:
-            c["ttft"].observe(row.ttft_ms / 1000)
+            c.ttft.observe(row.ttft_ms / 1000)
 
-    def _route_children(self, model: str, route: str) -> dict[str, Any]:
-        # Resolving labels costs a lock and a tuple hash per call; the (model, route)
-        # pairs are few (the recipe's targets and enrolled nodes), so resolve them once.
-        c = self._children.get((model, route))
-        if c is None:
-            c = self._children[(model, route)] = {
-                **{kind: self.tokens.labels(model, route, kind) for kind in ("prompt", "completion", "cached", "reasoning")},
-                "cost": self.cost.labels(model, route),
-                "duration": self.attempt_duration.labels(model, route),
-                "ttft": self.ttft.labels(model, route),
-            }
-        return c
+    def _new_route_children(self, model: str, route: str) -> _RouteChildren:
+        return _RouteChildren(
+            *(self.tokens.labels(model, route, kind) for kind in ("prompt", "completion", "cached", "reasoning")),
+            cost=self.cost.labels(model, route), duration=self.attempt_duration.labels(model, route),
+            ttft=self.ttft.labels(model, route),
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _RequestChildren:
+    """One (endpoint, public model)'s request metrics, by status and error code."""
+
+    __slots__ = ("by_error", "by_status", "duration")
+
+    def __init__(self, duration: Any) -> None:
+        self.duration = duration
+        self.by_status: dict[int, Any] = {}
+        self.by_error: dict[str, Any] = {}
+
+
+class _RouteChildren:
+    """One (public model, target)'s attempt metrics."""
+
+    __slots__ = ("by_outcome", "cached", "completion", "cost", "duration", "prompt", "reasoning", "ttft")
+
+    def __init__(self, prompt: Any, completion: Any, cached: Any, reasoning: Any, *, cost: Any, duration: Any,
+                 ttft: Any) -> None:
+        self.prompt, self.completion, self.cached, self.reasoning = prompt, completion, cached, reasoning
+        self.cost, self.duration, self.ttft = cost, duration, ttft
+        self.by_outcome: dict[str, Any] = {}
 
 
 class _WriterCollector:

@@ -18,6 +18,7 @@ from asgi_llm._asgi import ClientDisconnected
 from asgi_llm.errors import GatewayError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.observability import logs
+from asgi_llm.observability.logs import LogBinding
 from asgi_llm.observability.metrics import CONTENT_TYPE, GatewayMetrics
 from asgi_llm.observability.tracing import GatewayTracer
 
@@ -40,6 +41,7 @@ class ObservabilityMiddleware:
         self.tracer = tracer
         self.log_requests = log_requests
         self.metrics_path = metrics_path
+        self._binding = LogBinding("request_id", "endpoint", "model")
         self._log: Any = None
         if log_requests:
             import structlog
@@ -59,7 +61,7 @@ class ObservabilityMiddleware:
                                     (b"x-request-id", ctx.request_id.encode())]})
             await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
             return
-        tokens = logs.bind(request_id=ctx.request_id, endpoint=ctx.endpoint, model=ctx.model)
+        tokens = self._binding.bind(ctx.request_id, ctx.endpoint, ctx.model)
         status = 0
         error: str | None = None
 
@@ -71,8 +73,9 @@ class ObservabilityMiddleware:
 
         m = self.metrics
         inference = ctx.is_inference
-        if m is not None and inference:
-            m.in_flight.labels(ctx.endpoint).inc()
+        in_flight = m.in_flight_child(ctx.endpoint) if m is not None and inference else None
+        if in_flight is not None:
+            in_flight.inc()
         t0 = time.perf_counter()
         span_cm = self.tracer.request_span(ctx) if self.tracer is not None and inference else None
         span = span_cm.__enter__() if span_cm is not None else None
@@ -93,13 +96,10 @@ class ObservabilityMiddleware:
                 error = str(ctx.state["stream_error"])
             if error is None and status >= 400:
                 error = str(status)
+            if in_flight is not None:
+                in_flight.dec()
             if m is not None and inference:
-                model = ctx.model or ""
-                m.in_flight.labels(ctx.endpoint).dec()
-                m.requests.labels(ctx.endpoint, model, str(status)).inc()
-                m.duration.labels(ctx.endpoint, model).observe(elapsed)
-                if error is not None:
-                    m.errors.labels(ctx.endpoint, model, error).inc()
+                m.record_request(ctx.endpoint, ctx.model or "", status, elapsed, error)
             if span_cm is not None:
                 self.tracer.finish_request(span, ctx, status, error)  # type: ignore[union-attr]
                 span_cm.__exit__(None, None, None)
@@ -109,7 +109,7 @@ class ObservabilityMiddleware:
                                cache=ctx.cache_status, duration_ms=round(elapsed * 1000, 2), error=error,
                                prompt_tokens=ctx.usage.prompt_tokens if ctx.usage else None,
                                completion_tokens=ctx.usage.completion_tokens if ctx.usage else None)
-            logs.unbind(tokens)
+            self._binding.unbind(tokens)
 
 
 # ---------------------------------------------------------------------- builder

@@ -23,6 +23,8 @@ PICO = Decimal(10) ** 12
 
 def to_pico(usd: Decimal) -> int:
     """USD → integer pico-dollars (half-even)."""
+    if not usd:  # most rows' saved_usd, and every unpriced row
+        return 0
     return int((usd * PICO).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
@@ -82,7 +84,8 @@ class LedgerRow:
 
     @property
     def day(self) -> str:
-        return self.ts.astimezone(dt.UTC).strftime("%Y-%m-%d")
+        """The UTC day of ``ts``, ``YYYY-MM-DD`` (the ledger's ``day`` column)."""
+        return self.ts.astimezone(dt.UTC).date().isoformat()
 
     def to_db(self) -> dict[str, Any]:
         """The row as the ledger table's columns."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from decimal import Decimal
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 
-from asgi_llm.usage.records import LedgerRow, from_pico, usd_text
+from asgi_llm.usage.records import LedgerRow, from_pico, to_pico, usd_text
 
 if TYPE_CHECKING:
     from asgi_llm.stores.sql import SQLDatabase
@@ -62,19 +63,27 @@ ledger_table = sa.Table(
     sa.Column("prompt_text", sa.Text()),
 )
 
-_COLUMNS = [c.name for c in ledger_table.columns]
-_COLUMN_LIST = ", ".join(_COLUMNS)
-_INSERT_SQL_SQLITE = (f"INSERT INTO usage_ledger ({_COLUMN_LIST}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+# The INSERT lists the derived columns first, then the ones copied from the row's fields
+# by name, so a row's values are four conversions and one attrgetter call (C) — the
+# writer thread competes with the event loop for the GIL.
+_DERIVED = ("ts", "day", "cost_pico", "saved_pico")
+_COPIED = tuple(c.name for c in ledger_table.columns if c.name not in _DERIVED)
+_copied_values = operator.attrgetter(*_COPIED)
+_INSERT_COLUMNS = ", ".join((*_DERIVED, *_COPIED))
+_INSERT_SQL_SQLITE = (f"INSERT INTO usage_ledger ({_INSERT_COLUMNS}) VALUES ({', '.join('?' for _ in ledger_table.columns)}) "
                       "ON CONFLICT (attempt_id) DO NOTHING")
-_INSERT_SQL_PG = (f"INSERT INTO usage_ledger ({_COLUMN_LIST}) VALUES ({', '.join('%s' for _ in _COLUMNS)}) "
+_INSERT_SQL_PG = (f"INSERT INTO usage_ledger ({_INSERT_COLUMNS}) VALUES ({', '.join('%s' for _ in ledger_table.columns)}) "
                   "ON CONFLICT (attempt_id) DO NOTHING")
 
 
-def _row_tuple(d: dict[str, Any], sqlite: bool) -> tuple[Any, ...]:
-    if sqlite:
-        # The text form SQLAlchemy's SQLite DateTime reads back (and no deprecated adapter).
-        d["ts"] = d["ts"].strftime("%Y-%m-%d %H:%M:%S.%f")
-    return tuple(d[name] for name in _COLUMNS)
+def _row_values(row: LedgerRow, sqlite: bool) -> tuple[Any, ...]:
+    """The values of :meth:`LedgerRow.to_db`, in ``_INSERT_COLUMNS`` order."""
+    utc = row.ts.astimezone(dt.UTC)
+    # "YYYY-MM-DD HH:MM:SS.ffffff": the text SQLAlchemy's SQLite DateTime reads back (and
+    # no deprecated adapter) for SQLite, and the day for both.
+    text = utc.isoformat(" ", "microseconds")[:26]
+    ts = text if sqlite else utc.replace(tzinfo=None)
+    return (ts, text[:10], to_pico(row.cost_usd), to_pico(row.saved_usd), *_copied_values(row))
 
 
 _T = ledger_table.c
@@ -173,7 +182,7 @@ class SQLLedgerStore:
             return
         sqlite = self.db.dialect == "sqlite"
         sql = _INSERT_SQL_SQLITE if sqlite else _INSERT_SQL_PG
-        values = [_row_tuple(r.to_db(), sqlite) for r in rows]
+        values = [_row_values(r, sqlite) for r in rows]
         await self.db.run(lambda c: c.exec_driver_sql(sql, values), "ledger insert", write=True)
 
     async def rows(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None,

@@ -62,6 +62,16 @@ class TestAppend:
         assert [e.request_id for e in await store.query()] == ["req_0", "req_1", "req_2", "req_3"]
         assert (await store.verify()).ok
 
+    async def test_callers_events_are_left_unsealed(self, db: SQLDatabase) -> None:
+        """Appending assigns chain fields to what is stored, not to the caller's events."""
+        batch = [ev(i, detail={"é": [1]}) for i in range(3)]
+        await SQLAuditStore(db).append_many(batch)
+        assert all(e.seq is None and e.prev_hash is None and e.hash is None for e in batch)
+        stored = await SQLAuditStore(db).query()
+        assert [e.event_id for e in stored] == [e.event_id for e in batch]
+        assert [e.ts for e in stored] == [e.ts for e in batch] and stored[0].detail == {"é": [1]}
+        assert all(event_hash(e) == e.hash for e in stored)
+
     async def test_concurrent_writers_share_one_chain(self, sql_url: str, db: SQLDatabase) -> None:
         """Two writers (as two replicas, separate engines) appending at once keep one valid chain."""
         other = SQLDatabase(sql_url, migrate=False)

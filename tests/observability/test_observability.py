@@ -9,6 +9,7 @@ import structlog
 from starlette.types import Receive, Scope, Send
 
 from asgi_llm.context import Attempt, Usage
+from asgi_llm.errors import ServiceUnavailableError
 from asgi_llm.middleware.context import ContextMiddleware, ensure_context
 from asgi_llm.middleware.errors import ErrorMiddleware
 from asgi_llm.middleware.usage import UsageMiddleware
@@ -74,6 +75,39 @@ class TestMetrics:
             assert structlog.contextvars.get_contextvars() == {"host": "mine"}
         finally:
             structlog.contextvars.unbind_contextvars("host")
+
+
+    async def test_log_binding_restores_a_hosts_value_of_the_same_key(self) -> None:
+        """A host's own ``model`` binding is shadowed during the request and restored after it."""
+        seen: dict[str, Any] = {}
+        structlog.contextvars.bind_contextvars(model="host-model")
+        try:
+            await call(stack(GatewayMetrics(), seen), body=BODY)
+            assert seen["log"]["model"] == "chat"
+            assert structlog.contextvars.get_contextvars() == {"model": "host-model"}
+        finally:
+            structlog.contextvars.unbind_contextvars("model")
+
+    async def test_labelled_children_are_reused_per_label_values(self) -> None:
+        """Repeated requests add to the same series; another status or error code gets its own."""
+        m = GatewayMetrics()
+        app = stack(m, {})
+        for _ in range(3):
+            await call(app, body=BODY)
+
+        async def unavailable(scope: Scope, receive: Receive, send: Send) -> None:
+            raise ServiceUnavailableError("down")
+
+        failing = ErrorMiddleware(ContextMiddleware(ObservabilityMiddleware(unavailable, metrics=m)))
+        for _ in range(2):
+            await call(failing, body=BODY)
+        text = (await call(app, method="GET", path="/metrics")).body.decode()
+        assert 'asgi_llm_requests_total{endpoint="chat",model="chat",status="200"} 3.0' in text
+        assert 'asgi_llm_requests_total{endpoint="chat",model="chat",status="503"} 2.0' in text
+        assert 'asgi_llm_request_errors_total{code="service_unavailable",endpoint="chat",model="chat"} 2.0' in text
+        assert 'asgi_llm_attempts_total{model="chat",outcome="ok",target="provider-a/gpt-4o-mini"} 3.0' in text
+        assert 'asgi_llm_request_duration_seconds_count{endpoint="chat",model="chat"} 5.0' in text
+        assert 'asgi_llm_requests_in_flight{endpoint="chat"} 0.0' in text
 
 
 class TestTracing:

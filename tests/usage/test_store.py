@@ -11,7 +11,7 @@ import pytest
 
 from asgi_llm.stores.sql import SQLDatabase
 from asgi_llm.usage.records import LedgerRow, from_pico, to_pico
-from asgi_llm.usage.store import SQLLedgerStore, percentile
+from asgi_llm.usage.store import _INSERT_COLUMNS, SQLLedgerStore, _row_values, percentile
 
 pytestmark = pytest.mark.anyio
 
@@ -58,6 +58,18 @@ class TestInsert:
         assert got["attempt_id"] == r.attempt_id and got["node"] == "box1" and got["estimated"] is True
         assert Decimal(got["cost_usd"]) == Decimal("0.000000123456")
         assert got["day"] == "2025-03-01" and got["ttft_ms"] == 12.5
+
+    @pytest.mark.parametrize("sqlite", [True, False])
+    def test_insert_values_are_to_db(self, sqlite: bool) -> None:
+        """The insert's values are the row's ``to_db()`` columns (SQLite gets ``ts`` as SQLAlchemy's text)."""
+        tz = dt.timezone(dt.timedelta(hours=-5))
+        r = row(ts=dt.datetime(2025, 3, 1, 22, 0, tzinfo=tz), saved_usd=Decimal("0.25"), prompt_text="é")
+        got = dict(zip(_INSERT_COLUMNS.split(", "), _row_values(r, sqlite), strict=True))
+        want = r.to_db()
+        assert want["day"] == "2025-03-02"
+        if sqlite:
+            want["ts"] = "2025-03-02 03:00:00.000000"
+        assert got == want
 
     def test_pico_conversion_is_exact(self) -> None:
         """USD ↔ pico-dollars loses nothing at six decimals per 1M tokens."""
