@@ -365,7 +365,7 @@ class UsageConfig(BaseModel):
     enabled: bool = Field(True, description="meter every attempt into the ledger (stores.ledger)")
     audit: bool = Field(True, description="write the hash-chained audit log (stores.ledger)")
     queue_max: int = Field(100_000, ge=1, description="rows held in memory before spilling to disk")
-    batch_size: int = Field(500, ge=1, description="rows per INSERT batch")
+    batch_size: int = Field(5000, ge=1, description="max rows per INSERT batch (one commit each): a flush writes what queued since the last one, up to this")
     flush_interval_s: float = Field(1.0, gt=0, description="max seconds a row waits before a flush (each flush is a commit; larger batches cost far less per row)")
     shutdown_timeout_s: float = Field(10, gt=0, description="flush time at shutdown; the rest is spilled")
     spill_dir: str | None = Field(None, description="where rows go when the queue is full or the store is down")

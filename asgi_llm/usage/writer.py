@@ -74,7 +74,7 @@ class BatchWriter(Generic[T]):
         decode: Callable[[str], T],
         spill_dir: str | os.PathLike[str],
         queue_max: int = 100_000,
-        batch_size: int = 500,
+        batch_size: int = 5000,
         flush_interval_s: float = 1.0,
         shutdown_timeout_s: float = 10.0,
         retry_initial_s: float = 0.05,
