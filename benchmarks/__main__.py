@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import command_line, header_md, machine_info, write_results
-from benchmarks.servers import ROWS, find_litellm
+from benchmarks.servers import BASELINE_ROWS, ROWS, find_litellm, row_info
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -18,9 +18,16 @@ def _ints(text: str) -> list[int]:
 
 def _rows(text: str) -> list[str]:
     rows = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = []
+    for r in rows:
+        try:
+            row_info(r)
+        except KeyError:
+            unknown.append(r)
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown row(s) {unknown}; rows are {', '.join(ROWS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown row(s) {unknown}; rows are {', '.join(ROWS)}, and {'/'.join(BASELINE_ROWS)}@<git ref> "
+            "for the same row from an earlier commit")
     return rows
 
 
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
     run.add_argument("--concurrency", type=_ints, default=None, help="comma list (default 1,16,64; quick 1,16)")
     run.add_argument("--rows", type=_rows, default=["direct", "passthrough", "dispatch", "full", "full-shared", "litellm"],
-                     help=f"comma list of {', '.join(ROWS)}")
+                     help=f"comma list of {', '.join(ROWS)}; add e.g. full@<git ref> for a before/after row")
     run.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                      help="also measure streaming (default on)")
     run.add_argument("--ttfb-streams", type=int, default=None,

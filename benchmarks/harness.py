@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.loadgen import LoadSpec, find_wrk, run_load
 from benchmarks.report import command_line, header_md, machine_info, spread, write_results
-from benchmarks.servers import LOAD_CPU, ROWS, SERVER_CPU, Skip, client_key, mock_upstream, start_row
+from benchmarks.servers import LOAD_CPU, SERVER_CPU, Skip, client_key, mock_upstream, row_info, split_row, start_row
 
 __all__ = ["run_benchmark"]
 
@@ -44,7 +44,7 @@ def run_benchmark(*, rows: list[str], concurrency: list[int], modes: list[bool],
                 log(f"skip {row}: {exc}")
                 continue
             servers[row] = srv
-            data["rows"][row] = {"title": ROWS[row].title, "what": ROWS[row].what, "layers": srv.layers,
+            data["rows"][row] = {"title": row_info(row).title, "what": row_info(row).what, "layers": srv.layers,
                                  "notes": srv.notes}
         samples: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
         for rep in range(reps):
@@ -76,6 +76,7 @@ def run_benchmark(*, rows: list[str], concurrency: list[int], modes: list[bool],
             log(f"streaming TTFB probe: {ttfb_streams} streams per row …")
             data["streaming"] = measure_streaming(ttfb_rows, streams=ttfb_streams, warmup=max(5, ttfb_streams // 10))
     data["ratios"] = _ratios(data)
+    data["before_after"] = _before_after(data)
     md = render_markdown(data)
     md_path, _ = write_results(out, "run", md, data)
     log(f"\nwrote {md_path} and {md_path.with_suffix('.json')}")
@@ -107,6 +108,21 @@ def _ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _before_after(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every ``<row>@<ref>`` baseline row: this tree's row against it, per cell."""
+    out = []
+    for baseline in [r for r in data["rows"] if "@" in r]:
+        row = split_row(baseline)[0]
+        for mode in data["settings"]["modes"]:
+            for c in data["settings"]["concurrency"]:
+                now, then = _get(data, row, mode, c), _get(data, baseline, mode, c)
+                if now and then:
+                    out.append({"row": row, "baseline": baseline, "mode": mode, "concurrency": c,
+                                "rps_now_over_then": now["rps"]["median"] / then["rps"]["median"],
+                                "p50_ms_now": now["p50_ms"]["median"], "p50_ms_then": then["p50_ms"]["median"]})
+    return out
+
+
 def _fmt_spread(s: dict[str, float], digits: int) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
@@ -124,7 +140,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         notes = ("; " + "; ".join(info["notes"])) if info["notes"] else ""
         md.append(f"| {row} | {info['what']} | {' → '.join(info['layers'])}{notes} |")
     for row, why in data["skipped"].items():
-        md.append(f"| {row} | {ROWS[row].what} | **skipped**: {why} |")
+        md.append(f"| {row} | {row_info(row).what} | **skipped**: {why} |")
     md.append("")
     for mode in s["modes"]:
         md.append(f"## Throughput and latency — {mode}\n")
@@ -153,6 +169,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         md.append("\n**Mock-bound cells** (the mock alone is < 1.15× the fastest row, so that row may be limited by the "
                   "mock + load generator core rather than by itself): "
                   + ", ".join(f"{r['mode']} c={r['concurrency']}" for r in bound) + ".")
+    if data.get("before_after"):
+        md.append("\n## Before / after (same run)\n")
+        md.append("| row | against | mode | c | requests/s now ÷ then | p50 ms then → now |\n|---|---|---|---:|---:|---:|")
+        for r in data["before_after"]:
+            md.append(f"| {r['row']} | {r['baseline']} | {r['mode']} | {r['concurrency']} | {r['rps_now_over_then']:.2f}× | "
+                      f"{r['p50_ms_then']:.3f} → {r['p50_ms_now']:.3f} |")
     if "streaming" in data:
         from benchmarks.streaming import streaming_markdown
 

@@ -39,6 +39,8 @@ __all__ = [
     "mock_upstream",
     "online_nodes",
     "pin",
+    "row_info",
+    "split_row",
     "start_row",
 ]
 
@@ -70,6 +72,51 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("full-shared", "asgi-llm full, Redis + PostgreSQL", "the full pipeline with shared stores"),
     Row("litellm", "LiteLLM proxy", "litellm --num_workers 1, production settings, same mock (optional)"),
 ]}
+
+
+BASELINE_ROWS = ("dispatch", "full", "full-shared")
+"""Rows that can also run from an earlier commit, as ``<row>@<git ref>``."""
+
+
+def split_row(name: str) -> tuple[str, str | None]:
+    """``"full@119e117"`` → ``("full", "119e117")``; ``"full"`` → ``("full", None)``."""
+    base, _, ref = name.partition("@")
+    return base, ref or None
+
+
+def row_info(name: str) -> Row:
+    """The table entry of a row, including ``<row>@<ref>`` baseline rows.
+
+    Raises ``KeyError`` for a row that does not exist.
+    """
+    base, ref = split_row(name)
+    if ref is None:
+        return ROWS[name]
+    if base not in BASELINE_ROWS:
+        raise KeyError(name)
+    row = ROWS[base]
+    return Row(name, f"{row.title} at {ref}",
+               f"the {base} row served by the asgi_llm package of commit `{ref}` (same recipe, same run): before/after")
+
+
+def checkout_package(ref: str, workdir: Path) -> Path:
+    """Extract ``asgi_llm/`` as it was at git ``ref`` into ``workdir``; return the folder to
+    put first on ``PYTHONPATH`` so a row's process imports that version instead of this one.
+    Raises :class:`Skip` when ``ref`` is unknown or git is missing."""
+    import subprocess
+
+    dest = workdir / f"baseline-{ref.replace('/', '_')}"
+    if (dest / "asgi_llm").is_dir():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref, "asgi_llm"],
+                                 check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise Skip(f"cannot check out {ref}: {detail.decode(errors='replace').strip() or exc}") from None
+    return dest
 
 
 def client_key() -> str:
@@ -355,6 +402,11 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
     if row == "direct":
         yield RowServer(row, mock, layers=["(none: the mock itself)"])
         return
+    row_info(row)  # unknown rows fail here, with the list of rows
+    name, ref = split_row(row)
+    pythonpath = [str(REPO)]
+    if ref is not None:
+        pythonpath.insert(0, str(checkout_package(ref, workdir)))
     nodes = int((recipe_kwargs or {}).get("nodes", 0))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -363,6 +415,7 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
     env: dict[str, str] = {}
     ready = f"{url}/healthz"
     server = RowServer(row, url)
+    row = name  # from here on, a baseline row starts like its base row
     if row == "passthrough":
         args = [*uvicorn, "benchmarks.passthrough:app"]
         env["BENCH_UPSTREAM"] = mock
@@ -374,7 +427,8 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
         if row == "dispatch":
             recipe = _base_recipe(mock, **{k: v for k, v in (recipe_kwargs or {}).items() if k in ("targets", "models")})
         path = write_recipe(recipe, workdir / f"recipe-{row}-{port}.yaml")
-        server.layers = _gateway_layers(recipe, dispatch_only=row == "dispatch")
+        server.layers = (_gateway_layers(recipe, dispatch_only=row == "dispatch") if ref is None
+                         else [f"(as built by commit {ref})"])
         if row in ("full", "full-shared"):
             server.notes += [f"dropped {d}" for d in dropped]
             args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(path), "--port", str(port),
@@ -395,14 +449,14 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
     else:
         raise ValueError(f"unknown row {row!r}; rows are {', '.join(ROWS)}")
     try:
-        cm = managed_process(pin(SERVER_CPU, args), ready_url=ready, env={**env, "PYTHONPATH": str(REPO)},
+        cm = managed_process(pin(SERVER_CPU, args), ready_url=ready, env={**env, "PYTHONPATH": os.pathsep.join(pythonpath)},
                              timeout=180 if row == "litellm" else 30, name=f"bench-{row}")
         mp = cm.__enter__()
     except RuntimeError as exc:
-        if row != "litellm":
+        if row != "litellm" and ref is None:
             raise
         tail = " ".join(str(exc).strip().splitlines()[-3:])[-300:]
-        raise Skip(f"LiteLLM did not start: {tail}") from None
+        raise Skip(f"{'LiteLLM' if ref is None else server.name} did not start: {tail}") from None
     try:
         server.pid = mp.proc.pid
         with contextlib.ExitStack() as fleet:

@@ -59,3 +59,28 @@ class TestHarnessSmoke:
         assert row["errors"] == 0 and row["rps"] > 0, row
         assert row["nodes"]["count"] == 10 and row["nodes"]["heartbeat_failures"] == 0, row["nodes"]
         assert re.search(r"^\| 1 model × 10 nodes \| \d+ \|", growth_markdown(res), re.MULTILINE)
+
+
+class TestBaselineRows:
+    """``<row>@<ref>``: the same row from an earlier commit, for before/after in one run."""
+
+    def test_baseline_rows_are_named_after_their_base_row(self) -> None:
+        from benchmarks.servers import row_info, split_row
+
+        assert split_row("full@abc123") == ("full", "abc123")
+        assert split_row("full") == ("full", None)
+        assert "abc123" in row_info("full@abc123").title
+        for bad in ("passthrough@abc123", "nosuchrow", "nosuchrow@abc123"):
+            with pytest.raises(KeyError):
+                row_info(bad)
+
+    def test_checkout_extracts_the_package_of_a_commit(self, tmp_path: Path) -> None:
+        from benchmarks.servers import Skip, checkout_package
+
+        with pytest.raises(Skip, match="cannot check out"):
+            checkout_package("no-such-ref-0123", tmp_path)
+        if not (REPO / ".git").exists():
+            pytest.fail("benchmarks need the git history for baseline rows; this checkout has none")
+        dest = checkout_package("HEAD", tmp_path)
+        assert (dest / "asgi_llm" / "stack.py").is_file()
+        assert not (dest / "benchmarks").exists()  # only the package: the harness stays this tree's
