@@ -7,6 +7,15 @@ a node is routable while its last heartbeat is younger than ``window_s``, it is
 ``active``, not revoked, inside its availability windows, and has a way in (a URL in
 direct mode, an open tunnel in tunnel mode).
 
+Resolution is cached: :meth:`resolve` keeps, per (selector target, org), the node
+targets it built, and every change that can alter the answer drops the cache — a record
+put or reloaded, a node forgotten, a node coming back online or changing its agent
+state, a tunnel attached or detached. What changes with time alone is checked on each
+hit: the oldest heartbeat among the cached nodes (once it is older than ``window_s`` the
+entry is rebuilt), the UTC minute for nodes with availability windows, and whether a
+cached tunnel has closed. Keep ``records`` up to date through :meth:`put` /
+:meth:`reload` (or assign the whole dict), not by editing the dict in place.
+
 Across replicas: with ``stores.state: redis://…`` every replica publishes the
 heartbeats it receives and adopts the others' (:mod:`asgi_llm.nodes.shared`), so a
 direct-mode node is routable from all of them whatever replica it heartbeats to. A
@@ -23,6 +32,7 @@ under the provider name ``node:<name>``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +78,28 @@ class LiveNode:
     adapter_key: tuple[Any, ...] = ()
 
 
+@dataclass(slots=True)
+class _Resolved:
+    """One cached answer of :meth:`NodeRegistry.resolve` and what keeps it current."""
+
+    targets: list[Target]
+    built_at: float
+    """``clock()`` when built (a clock that went back invalidates the entry)."""
+    oldest_seen: float
+    """The oldest last heartbeat among the nodes in ``targets`` (``inf`` when none)."""
+    window_s: float
+    wall_from: float
+    wall_until: float
+    """``time.time()`` bounds: the UTC minute of the build when a candidate node has
+    availability windows (``-inf``/``inf`` otherwise)."""
+    tunnels: tuple[TunnelConnection, ...]
+    """The open tunnels of the tunnel-mode nodes in ``targets``."""
+
+
+_RESOLVED_MAX = 4096
+"""Cached (selector, org) answers kept at most; past that the cache starts over."""
+
+
 class NodeRegistry:
     """Node records (from SQL) plus liveness (in process).
 
@@ -100,10 +132,32 @@ class NodeRegistry:
         self.transport: TransportName = transport
         self.clock = clock
         self.health = health
-        self.records: dict[str, NodeRecord] = {}
+        self._records: dict[str, NodeRecord] = {}
+        self._by_name: dict[str, str] | None = None  # name → id (first in ``records`` order)
+        self._sorted: list[NodeRecord] | None = None  # records by name
+        self._resolved: dict[tuple[Any, str], _Resolved] = {}
+        self._by_provider: dict[str, LiveNode] | None = None  # ``node:<name>`` → its liveness
         self.live: dict[str, LiveNode] = {}
         self.on_heartbeat: Callable[[NodeRecord, LiveNode], None] | None = None
         """Called after each heartbeat this replica receives (to share liveness)."""
+
+    @property
+    def records(self) -> dict[str, NodeRecord]:
+        """Node id → record."""
+        return self._records
+
+    @records.setter
+    def records(self, records: dict[str, NodeRecord]) -> None:
+        self._records = records
+        self._by_name = None
+        self._sorted = None
+        self._changed()
+
+    def _changed(self) -> None:
+        """Something that can change :meth:`resolve`'s answer (or which liveness a name
+        leads to) happened: drop the caches."""
+        self._resolved.clear()
+        self._by_provider = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -118,6 +172,7 @@ class NodeRegistry:
             if live.tunnel is not None:
                 live.tunnel.close()
         self.live.clear()
+        self._changed()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -146,13 +201,22 @@ class NodeRegistry:
 
     def put(self, record: NodeRecord) -> None:
         """Record a new or changed node (after the SQL write)."""
-        self.records[record.id] = record
+        old = self._records.get(record.id)
+        self._records[record.id] = record
+        if old is record:
+            return
+        if old is None or old.name != record.name:
+            self._by_name = None
+        self._sorted = None
+        if old is None or old != record:
+            self._changed()
 
     async def forget(self, node_id: str) -> None:
         """Drop a node's liveness: close its tunnel and its connection pool."""
         live = self.live.pop(node_id, None)
         if live is None:
             return
+        self._changed()
         if live.tunnel is not None:
             live.tunnel.close()
         if live.adapter is not None:
@@ -162,7 +226,10 @@ class NodeRegistry:
         """Note a heartbeat: the node is alive now, with this load."""
         came_back = not self.is_online(record.id)
         live = self.live.setdefault(record.id, LiveNode())
-        live.last_seen = self.clock()
+        now = self.clock()
+        if came_back or now < live.last_seen or live.agent_state != agent_state:
+            self._changed()
+        live.last_seen = now
         if came_back and self.health is not None:
             # A node that was away may have tripped its breakers while dying; its return
             # is as good as a passed probe (half-open: the next request tries it).
@@ -193,6 +260,8 @@ class NodeRegistry:
             return True  # we heard from it ourselves, more recently
         came_back = not self.is_online(node_id)
         live = self.live.setdefault(node_id, LiveNode())
+        if came_back or seen < live.last_seen or live.agent_state != agent_state:
+            self._changed()
         live.last_seen, live.load, live.agent_state = seen, load, agent_state
         if came_back and self.health is not None:
             for m in record.models:
@@ -206,12 +275,14 @@ class NodeRegistry:
         if old is not None and old is not conn:
             old.close()
         live.last_seen = self.clock()  # a fresh tunnel is a sign of life
+        self._changed()
         self._ensure_adapter(self.records.get(record.id, record), live)
 
     def detach_tunnel(self, record: NodeRecord, conn: TunnelConnection) -> None:
         live = self.live.get(record.id)
         if live is not None and live.tunnel is conn:
             live.tunnel = None
+            self._changed()
 
     def _ensure_adapter(self, record: NodeRecord, live: LiveNode) -> None:
         key = (record.mode, record.url, record.credential_hash, record.name)
@@ -274,24 +345,83 @@ class NodeRegistry:
         out["seconds_since_heartbeat"] = round(self.clock() - live.last_seen, 3) if live is not None and live.last_seen > 0 else None
         return out
 
+    def _name_index(self) -> dict[str, str]:
+        index = self._by_name
+        if index is None:
+            index = {}
+            for r in self._records.values():
+                index.setdefault(r.name, r.id)
+            self._by_name = index
+        return index
+
     def by_name(self, name: str) -> NodeRecord | None:
-        for r in self.records.values():
-            if r.name == name:
-                return r
-        return None
+        node_id = self._name_index().get(name)
+        return self._records.get(node_id) if node_id is not None else None
+
+    def _live_by_provider(self, provider: str) -> LiveNode | None:
+        """The liveness of the node behind ``node:<name>`` (that of :meth:`by_name`)."""
+        index = self._by_provider
+        if index is None:
+            index = {}
+            for name, node_id in self._name_index().items():
+                live = self.live.get(node_id)
+                if live is not None:
+                    index[node_provider(name)] = live
+            self._by_provider = index
+        return index.get(provider)
 
     def resolve(self, spec: NodeTargets, ctx: RequestContext) -> list[Target]:
         """The router's ``node_resolver``: the routable nodes that match ``spec``'s selector,
-        serve its model, and are visible to the caller's org."""
+        serve its model, and are visible to the caller's org, in name order.
+
+        Cached per (``spec``, org) until the registry changes or time alone could change
+        the answer (see the module docstring); a hit costs a few dict lookups and a copy.
+        """
         org = ctx.principal.org
+        try:
+            key = (spec, org)
+            entry = self._resolved.get(key)
+        except TypeError:  # an unhashable selector target: no caching
+            return self._build(spec, org).targets
+        if entry is not None:
+            now = self.clock()
+            if (
+                entry.built_at <= now
+                and now - entry.oldest_seen <= self.window_s
+                and entry.window_s == self.window_s
+                and (entry.wall_until == math.inf or entry.wall_from <= time.time() < entry.wall_until)
+                and not any(conn.closed for conn in entry.tunnels)
+            ):
+                return list(entry.targets)
+        entry = self._build(spec, org)
+        if len(self._resolved) >= _RESOLVED_MAX:
+            self._resolved.clear()
+        self._resolved[key] = entry
+        return list(entry.targets)
+
+    def _build(self, spec: NodeTargets, org: str) -> _Resolved:
+        """Resolve ``spec`` for ``org`` from scratch, noting what keeps the answer current."""
+        ordered = self._sorted
+        if ordered is None:
+            ordered = self._sorted = sorted(self._records.values(), key=lambda r: r.name)
         out: list[Target] = []
-        for record in sorted(self.records.values(), key=lambda r: r.name):
+        built_at, oldest, tunnels = self.clock(), math.inf, []
+        wall_from, wall_until, wall_now = -math.inf, math.inf, time.time()
+        for record in ordered:
             if not record.visible_to(org) or not _matches(spec.selector, record):
                 continue
             if not any(m.get("id") == spec.model for m in record.models):
                 continue
+            if (record.availability or {}).get("mode", "always") not in ("always", "paused"):
+                # available_at() reads the UTC minute: the answer holds until the next one.
+                wall_from = math.floor(wall_now / 60) * 60.0
+                wall_until = wall_from + 60.0
             if not self.routable(record):
                 continue
+            live = self.live[record.id]
+            oldest = min(oldest, live.last_seen)
+            if record.mode == "tunnel" and live.tunnel is not None:
+                tunnels.append(live.tunnel)
             price = spec.price
             owner_price = record.price_decimal()
             if owner_price is not None:
@@ -302,23 +432,22 @@ class NodeRegistry:
                 context_window=spec.context_window or (window if isinstance(window, int) else None),
                 prefill=spec.prefill, kind="node",
             ))
-        return out
+        return _Resolved(out, built_at, oldest, self.window_s, wall_from, wall_until, tuple(tunnels))
 
     def extra_load(self, target: Target) -> float:
         """Engine signals for ``least-busy``: requests queued at the engine, plus KV-cache use."""
         if target.kind != "node":
             return 0.0
-        record = self.by_name(target.provider[len(NODE_PROVIDER_PREFIX):])
-        live = self.live.get(record.id) if record is not None else None
+        live = self._live_by_provider(target.provider)
         if live is None:
             return 0.0
-        return float(live.load.get("queue_depth", 0.0)) + float(live.load.get("kv_cache_usage", 0.0))
+        load = live.load
+        return float(load.get("queue_depth", 0.0)) + float(load.get("kv_cache_usage", 0.0))
 
     def adapter(self, provider: str) -> ProviderAdapter | None:
         if not provider.startswith(NODE_PROVIDER_PREFIX):
             return None
-        record = self.by_name(provider[len(NODE_PROVIDER_PREFIX):])
-        live = self.live.get(record.id) if record is not None else None
+        live = self._live_by_provider(provider)
         return live.adapter if live is not None else None  # type: ignore[return-value]
 
 
