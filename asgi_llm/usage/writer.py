@@ -174,8 +174,16 @@ class BatchWriter(Generic[T]):
                         await self._wake.wait()
                     self._wake = anyio.Event()
                     async with self._write_lock:
-                        while self._queue:
-                            await self._write(self._take())
+                        # Write what has queued up to now, then wait again: rows that
+                        # arrive during the write go in the next flush. Draining until
+                        # the queue is empty would, under steady traffic, commit a few
+                        # rows at a time back to back (measured: ~190 commits/s of ~6
+                        # rows each per writer), and per-commit costs would dominate.
+                        pending = len(self._queue)
+                        while pending > 0 or (self._stopping and self._queue):
+                            batch = self._take(pending if pending > 0 else None)
+                            pending -= len(batch)
+                            await self._write(batch)
                     if self._stopping:
                         break
                     await self._replay_spills()
@@ -185,8 +193,8 @@ class BatchWriter(Generic[T]):
             self._scope = None
             done.set()
 
-    def _take(self) -> list[T]:
-        n = min(self.batch_size, len(self._queue))
+    def _take(self, limit: int | None = None) -> list[T]:
+        n = min(self.batch_size, len(self._queue), limit if limit is not None else len(self._queue))
         batch = [self._queue.popleft() for _ in range(n)]
         self._inflight = batch
         return batch

@@ -59,6 +59,29 @@ class TestBatchWriter:
             await w.aclose()
         assert max(sink.batches) <= 100 and set(sink.rows.values()) == {1}
 
+    async def test_steady_traffic_is_written_once_per_interval_not_as_it_trickles_in(self, tmp_path: Path) -> None:
+        """Rows arriving while a batch is written wait for the next flush: a slow store under
+        steady traffic gets about one commit per flush interval, not a stream of tiny ones."""
+
+        class SlowSink(Sink):
+            async def __call__(self, batch: list[str]) -> None:
+                await anyio.sleep(0.01)  # a commit takes time; rows keep arriving meanwhile
+                await super().__call__(batch)
+
+        sink = SlowSink()
+        w = make(sink, tmp_path, flush_interval_s=0.1, batch_size=10_000)
+        async with anyio.create_task_group() as tg:
+            await w.start(tg)
+            for i in range(500):  # ~0.5 s of one row per millisecond
+                w.put(f"r{i}")
+                await anyio.sleep(0.001)
+            await wait_for(lambda: len(sink.rows) == 500)
+            await w.aclose()
+        assert set(sink.rows.values()) == {1}
+        # ~0.5-0.8 s of traffic at one flush per 0.1 s: a handful of batches (it was one per
+        # ~10 ms write, i.e. dozens, when the loop drained the queue until it was empty).
+        assert len(sink.batches) <= 15, sink.batches
+
     async def test_outage_is_retried(self, tmp_path: Path) -> None:
         """While the store is down rows wait; when it is back every row is written."""
         sink = Sink()
