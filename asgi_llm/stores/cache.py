@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
+from asgi_llm._timeout import fail_after
 from asgi_llm.cache.keys import CacheKey
 from asgi_llm.stores import StoreError
 
@@ -216,8 +217,10 @@ class RedisCacheStore:
         url: ``redis://host:port/db`` or ``rediss://…``.
         prefix: key prefix of entries (``asgi-llm:cache:``); locks use ``<prefix minus ':'>-flight:``.
         max_connections: connection pool size (a blocking pool: callers wait for a connection).
-        timeout_s: connect, socket and pool-wait timeout -- an unreachable Redis costs
-            a request at most about this long before it is served without the cache.
+        timeout_s: connect, per-command and pool-wait timeout -- an unreachable Redis
+            costs a request at most about this long before it is served without the cache.
+            Commands are bounded by the gateway's own cheap timeout rather than redis-py's
+            ``socket_timeout``, which starts an ``asyncio.wait_for`` task per command.
     """
 
     def __init__(self, url: str, *, prefix: str = "asgi-llm:cache:", max_connections: int = 64,
@@ -236,7 +239,7 @@ class RedisCacheStore:
 
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 self.url, max_connections=self.max_connections, timeout=self.timeout_s,
-                socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                socket_connect_timeout=self.timeout_s,
             )
             self._client = aioredis.Redis(connection_pool=self._pool)
         return self._client
@@ -252,14 +255,16 @@ class RedisCacheStore:
 
     async def get(self, key: CacheKey) -> bytes | None:
         with _map_redis_errors("get"):
-            value = await self._redis().get(self.prefix + key.storage_id)
+            async with fail_after(self.timeout_s):
+                value = await self._redis().get(self.prefix + key.storage_id)
         return None if value is None else bytes(value)
 
     async def set(self, key: CacheKey, value: bytes, *, ttl_s: float) -> None:
         if ttl_s <= 0:
             return
         with _map_redis_errors("set"):
-            await self._redis().set(self.prefix + key.storage_id, value, px=max(1, int(ttl_s * 1000)))
+            async with fail_after(self.timeout_s):
+                await self._redis().set(self.prefix + key.storage_id, value, px=max(1, int(ttl_s * 1000)))
 
     async def purge(self, *, org: str | None = None, model: str | None = None) -> int:
         org_part = quote(org, safe="") if org is not None else "*"
@@ -268,30 +273,34 @@ class RedisCacheStore:
         deleted = 0
         with _map_redis_errors("purge"):
             r = self._redis()
-            batch: list[bytes] = []
-            async for name in r.scan_iter(match=pattern, count=1000):
-                batch.append(name)
-                if len(batch) >= 500:
-                    deleted += int(await r.unlink(*batch))
-                    batch.clear()
-            if batch:
-                deleted += int(await r.unlink(*batch))
+            cursor: int | bytes = 0
+            while True:  # each SCAN step and each UNLINK is bounded, not the whole purge
+                async with fail_after(self.timeout_s):
+                    cursor, names = await r.scan(cursor, match=pattern, count=1000)
+                for i in range(0, len(names), 500):
+                    async with fail_after(self.timeout_s):
+                        deleted += int(await r.unlink(*names[i:i + 500]))
+                if int(cursor) == 0:
+                    break
         return deleted
 
     async def acquire_flight(self, key: CacheKey, *, ttl_s: float) -> str | None:
         token = os.urandom(8).hex()
         with _map_redis_errors("lock"):
-            ok = await self._redis().set(self.flight_prefix + key.storage_id, token, nx=True,
-                                         px=max(1, int(ttl_s * 1000)))
+            async with fail_after(self.timeout_s):
+                ok = await self._redis().set(self.flight_prefix + key.storage_id, token, nx=True,
+                                             px=max(1, int(ttl_s * 1000)))
         return token if ok else None
 
     async def release_flight(self, key: CacheKey, token: str) -> None:
         with _map_redis_errors("unlock"):
-            await self._redis().eval(_RELEASE, 1, self.flight_prefix + key.storage_id, token)
+            async with fail_after(self.timeout_s):
+                await self._redis().eval(_RELEASE, 1, self.flight_prefix + key.storage_id, token)
 
     async def flight_held(self, key: CacheKey) -> bool:
         with _map_redis_errors("lock check"):
-            return bool(await self._redis().exists(self.flight_prefix + key.storage_id))
+            async with fail_after(self.timeout_s):
+                return bool(await self._redis().exists(self.flight_prefix + key.storage_id))
 
 
 def cache_store_from_url(url: str, *, max_entries: int = 10_000, max_bytes: int = 256 << 20) -> CacheStore:

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
+from asgi_llm._timeout import fail_after
 from asgi_llm.stores import StoreError
 
 if TYPE_CHECKING:
@@ -491,7 +492,8 @@ class RedisStateStore:
                 self.url,
                 max_connections=self.max_connections,
                 timeout=self.timeout_s,
-                socket_timeout=self.timeout_s,
+                # No socket_timeout: redis-py runs every command under asyncio.wait_for
+                # (a task each) then; the calls below are bounded by fail_after instead.
                 socket_connect_timeout=self.timeout_s,
                 retry=Retry(NoBackoff(), 0),  # a failure is reported now; the policy decides
             )
@@ -506,7 +508,8 @@ class RedisStateStore:
             args += [lim.kind, lim.scope, lim.limit, lim.cost, lim.window_ms]
         _ = self.client
         with _map_redis_errors("rate-limit admission"):
-            out = await self._reserve(args=args)
+            async with fail_after(self.timeout_s):
+                out = await self._reserve(args=args)
         raw = []
         for i in range(len(limits)):
             key, cur, prev, el, rs = out[3 + 5 * i: 8 + 5 * i]
@@ -522,12 +525,14 @@ class RedisStateStore:
             args += [kind, key, delta]
         _ = self.client
         with _map_redis_errors("rate-limit settlement"):
-            await self._settle(args=args)
+            async with fail_after(self.timeout_s):
+                await self._settle(args=args)
 
     async def ping(self) -> str | None:
         try:
             with _map_redis_errors("ping"):
-                await self.client.ping()
+                async with fail_after(self.timeout_s):
+                    await self.client.ping()
         except StoreError as exc:
             return f"state store unreachable: {exc.message}"
         return None
