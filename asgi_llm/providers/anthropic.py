@@ -231,7 +231,7 @@ class _AnthropicReply(UpstreamReply):
                 kind = event.event
                 if kind in (None, "ping"):
                     continue
-                data = _parse_json_object(event.data.encode(), self.target, what="stream event")
+                data = _parse_json_object(event.data, self.target, what="stream event")
                 if kind == "error" or data.get("type") == "error":
                     raise _error_from_body(data, 502, self.target, None)
                 if kind == "message_start":

@@ -164,7 +164,7 @@ class UpstreamReply:
                     if event.event == "error":
                         raise _error_from_event(payload, self.target)
                     continue
-                obj = _parse_json_object(payload.encode(), self.target, what="stream chunk")
+                obj = _parse_json_object(payload, self.target, what="stream chunk")
                 if "error" in obj and not obj.get("choices"):
                     raise _error_from_body(obj, 502, self.target, None)
                 if self.first_content_at is None and chunk_has_content(obj):
@@ -233,11 +233,13 @@ async def _drain(iterator: AsyncIterator[bytes]) -> None:
         pass  # the answer is complete; a connection that misbehaves now is simply not reused
 
 
-def _parse_json_object(raw: bytes, target: str, *, what: str = "response") -> dict[str, Any]:
+def _parse_json_object(raw: bytes | str, target: str, *, what: str = "response") -> dict[str, Any]:
+    """``raw`` as a JSON object. Stream events arrive already decoded (``str``): parsing
+    them as such skips json's encoding detection and a second UTF-8 decode per chunk."""
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        preview = raw[:80].decode("utf-8", "replace")
+        preview = raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace")
         raise UpstreamProtocolError(
             f"{target} sent a {what} that is not JSON (starts with {preview!r}).", target=target
         ) from None
