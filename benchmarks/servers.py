@@ -99,6 +99,16 @@ def row_info(name: str) -> Row:
                f"the {base} row served by the asgi_llm package of commit `{ref}` (same recipe, same run): before/after")
 
 
+def _check_imports_from(baseline: Path, env: dict[str, str]) -> None:
+    """Refuse a baseline row that would import this tree's ``asgi_llm`` instead of the ref's."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import asgi_llm; print(asgi_llm.__file__)"], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip().startswith(str(baseline)):
+        raise Skip(f"the baseline package would not be the one imported ({out.stdout.strip() or out.stderr.strip()[-200:]})")
+
+
 def checkout_package(ref: str, workdir: Path) -> Path:
     """Extract ``asgi_llm/`` as it was at git ``ref`` into ``workdir``; return the folder to
     put first on ``PYTHONPATH`` so a row's process imports that version instead of this one.
@@ -405,14 +415,19 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
     row_info(row)  # unknown rows fail here, with the list of rows
     name, ref = split_row(row)
     pythonpath = [str(REPO)]
+    env: dict[str, str] = {}
     if ref is not None:
-        pythonpath.insert(0, str(checkout_package(ref, workdir)))
+        baseline = checkout_package(ref, workdir)
+        pythonpath.insert(0, str(baseline))
+        # `python -m` would put the working directory (this repository) first on
+        # sys.path, ahead of PYTHONPATH, and serve this tree's package instead.
+        env["PYTHONSAFEPATH"] = "1"
+        _check_imports_from(baseline, {**os.environ, **env, "PYTHONPATH": os.pathsep.join(pythonpath)})
     nodes = int((recipe_kwargs or {}).get("nodes", 0))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
                "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-    env: dict[str, str] = {}
     ready = f"{url}/healthz"
     server = RowServer(row, url)
     row = name  # from here on, a baseline row starts like its base row

@@ -84,3 +84,17 @@ class TestBaselineRows:
         dest = checkout_package("HEAD", tmp_path)
         assert (dest / "asgi_llm" / "stack.py").is_file()
         assert not (dest / "benchmarks").exists()  # only the package: the harness stays this tree's
+
+
+def test_a_baseline_row_imports_the_package_of_its_commit(tmp_path: Path) -> None:
+    """`python -m` puts the working directory first on sys.path: without PYTHONSAFEPATH a
+    baseline row would silently serve this tree's package (it did, once)."""
+    import os
+
+    from benchmarks.servers import Skip, _check_imports_from, checkout_package
+
+    dest = checkout_package("HEAD", tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dest), str(REPO)])}
+    with pytest.raises(Skip, match="would not be the one imported"):
+        _check_imports_from(dest, {k: v for k, v in env.items() if k != "PYTHONSAFEPATH"})
+    _check_imports_from(dest, {**env, "PYTHONSAFEPATH": "1"})
