@@ -151,19 +151,16 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
     disconnected = False
     cancelling = task.cancelling()
 
-    async def watch_disconnect() -> None:
+    async def watch() -> None:
         nonlocal disconnected
         try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    task.cancel()
-                    return
+            await _wait_for_disconnect(receive)
         except Exception:  # noqa: BLE001 - a server that cannot tell us: keep relaying
             return
+        disconnected = True
+        task.cancel()
 
-    watcher = asyncio.ensure_future(watch_disconnect())
+    watcher = asyncio.ensure_future(watch())
     try:
         await _pump(ctx, reply, attempt, send)
     except asyncio.CancelledError:
@@ -180,18 +177,15 @@ async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt
     failure: BaseException | None = None
     disconnected = False
 
-    async def watch_disconnect(scope: anyio.CancelScope) -> None:
+    async def watch(scope: anyio.CancelScope) -> None:
         nonlocal disconnected
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-                scope.cancel()
-                return
+        await _wait_for_disconnect(receive)
+        disconnected = True
+        scope.cancel()
 
     finished = False
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_disconnect, tg.cancel_scope)
+        tg.start_soon(watch, tg.cancel_scope)
         try:
             await _pump(ctx, reply, attempt, send)
             finished = True
@@ -205,6 +199,12 @@ async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt
         raise ClientDisconnected()
     if failure is not None:
         raise failure
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    """Return when the server reports ``http.disconnect`` (the body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
