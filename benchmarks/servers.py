@@ -109,10 +109,10 @@ def _check_imports_from(baseline: Path, env: dict[str, str]) -> None:
         raise Skip(f"the baseline package would not be the one imported ({out.stdout.strip() or out.stderr.strip()[-200:]})")
 
 
-def checkout_package(ref: str, workdir: Path) -> Path:
-    """Extract ``asgi_llm/`` as it was at git ``ref`` into ``workdir``; return the folder to
-    put first on ``PYTHONPATH`` so a row's process imports that version instead of this one.
-    Raises :class:`Skip` when ``ref`` is unknown or git is missing."""
+def checkout_package(ref: str, workdir: Path, *, repo: Path = REPO) -> Path:
+    """Extract ``asgi_llm/`` as it was at git ``ref`` of ``repo`` into ``workdir``; return
+    the folder to put first on ``PYTHONPATH`` so a row's process imports that version
+    instead of this one. Raises :class:`Skip` when ``ref`` is unknown or git is missing."""
     import subprocess
 
     dest = workdir / f"baseline-{ref.replace('/', '_')}"
@@ -120,7 +120,7 @@ def checkout_package(ref: str, workdir: Path) -> Path:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref, "asgi_llm"],
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", ref, "asgi_llm"],
                                  check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:

@@ -77,13 +77,25 @@ class TestBaselineRows:
     def test_checkout_extracts_the_package_of_a_commit(self, tmp_path: Path) -> None:
         from benchmarks.servers import Skip, checkout_package
 
+        repo = _git_repo_with_package(tmp_path / "repo")
         with pytest.raises(Skip, match="cannot check out"):
-            checkout_package("no-such-ref-0123", tmp_path)
-        if not (REPO / ".git").exists():
-            pytest.fail("benchmarks need the git history for baseline rows; this checkout has none")
-        dest = checkout_package("HEAD", tmp_path)
-        assert (dest / "asgi_llm" / "stack.py").is_file()
+            checkout_package("no-such-ref-0123", tmp_path / "out", repo=repo)
+        dest = checkout_package("HEAD", tmp_path / "out", repo=repo)
+        assert (dest / "asgi_llm" / "__init__.py").read_text() == "MARK = 'baseline'\n"
         assert not (dest / "benchmarks").exists()  # only the package: the harness stays this tree's
+
+def _git_repo_with_package(path: Path) -> Path:
+    """A throwaway git repository with one commit of an ``asgi_llm`` package (and a
+    ``benchmarks`` folder that must not be extracted): the tests do not depend on the
+    history of the checkout they run in."""
+    (path / "asgi_llm").mkdir(parents=True)
+    (path / "asgi_llm" / "__init__.py").write_text("MARK = 'baseline'\n")
+    (path / "benchmarks").mkdir()
+    (path / "benchmarks" / "x.py").write_text("")
+    git = ["git", "-C", str(path), "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "baseline"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    return path
 
 
 def test_a_baseline_row_imports_the_package_of_its_commit(tmp_path: Path) -> None:
@@ -93,7 +105,7 @@ def test_a_baseline_row_imports_the_package_of_its_commit(tmp_path: Path) -> Non
 
     from benchmarks.servers import Skip, _check_imports_from, checkout_package
 
-    dest = checkout_package("HEAD", tmp_path)
+    dest = checkout_package("HEAD", tmp_path / "out", repo=_git_repo_with_package(tmp_path / "repo"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dest), str(REPO)])}
     with pytest.raises(Skip, match="would not be the one imported"):
         _check_imports_from(dest, {k: v for k, v in env.items() if k != "PYTHONSAFEPATH"})
