@@ -158,8 +158,7 @@ class BatchWriter(Generic[T]):
     async def flush(self) -> None:
         """Write everything queued now, including a batch being written (tests, admin)."""
         async with self._write_lock:
-            while self._queue:
-                await self._write(self._take())
+            await self._write_queued(None)
 
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
@@ -174,16 +173,8 @@ class BatchWriter(Generic[T]):
                         await self._wake.wait()
                     self._wake = anyio.Event()
                     async with self._write_lock:
-                        # Write what has queued up to now, then wait again: rows that
-                        # arrive during the write go in the next flush. Draining until
-                        # the queue is empty would, under steady traffic, commit a few
-                        # rows at a time back to back (measured: ~190 commits/s of ~6
-                        # rows each per writer), and per-commit costs would dominate.
-                        pending = len(self._queue)
-                        while pending > 0 or (self._stopping and self._queue):
-                            batch = self._take(pending if pending > 0 else None)
-                            pending -= len(batch)
-                            await self._write(batch)
+                        # Stopping: everything, so nothing is left to spill.
+                        await self._write_queued(None if self._stopping else len(self._queue))
                     if self._stopping:
                         break
                     await self._replay_spills()
@@ -193,8 +184,25 @@ class BatchWriter(Generic[T]):
             self._scope = None
             done.set()
 
+    async def _write_queued(self, limit: int | None) -> None:
+        """Write the first ``limit`` queued rows in batches (``None``: until the queue is
+        empty, rows that arrive meanwhile included).
+
+        A flush passes what had queued when it started: rows that arrive during its
+        writes wait for the next flush. Draining until empty would, under steady traffic,
+        commit a few rows at a time back to back (measured: ~190 commits/s of ~6 rows
+        each per writer), and per-commit costs would dominate.
+        """
+        while self._queue and (limit is None or limit > 0):
+            batch = self._take(limit)
+            if limit is not None:
+                limit -= len(batch)
+            await self._write(batch)
+
     def _take(self, limit: int | None = None) -> list[T]:
-        n = min(self.batch_size, len(self._queue), limit if limit is not None else len(self._queue))
+        n = min(self.batch_size, len(self._queue))
+        if limit is not None:
+            n = min(n, limit)
         batch = [self._queue.popleft() for _ in range(n)]
         self._inflight = batch
         return batch
@@ -274,8 +282,7 @@ class BatchWriter(Generic[T]):
                         self._inflight = batch
                         await self._write(batch)
                         self.stats["replayed"] += len(batch)
-                    while self._queue:  # live rows do not wait for a long replay
-                        await self._write(self._take())
+                    await self._write_queued(len(self._queue))  # live rows do not wait for a long replay
             path.unlink(missing_ok=True)
             log.info("%s writer: replayed spill file %s", self.name, path.name)
 
