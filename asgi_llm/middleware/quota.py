@@ -198,9 +198,9 @@ class QuotaMiddleware:
         out: list[Limit] = []
         for lim in cached[1]:
             if lim.kind == "tokens":
-                lim = Limit("tokens", lim.scope, lim.limit, tokens, lim.label)
+                lim = Limit("tokens", lim.scope, lim.limit, tokens, lim.label, lim.window_s)
             elif lim.kind == "spend_day" or lim.kind == "spend_month":
-                lim = Limit(lim.kind, lim.scope, lim.limit, spend, lim.label)
+                lim = Limit(lim.kind, lim.scope, lim.limit, spend, lim.label, lim.window_s)
             out.append(lim)
         return out
 
