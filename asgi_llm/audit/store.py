@@ -73,7 +73,7 @@ _INSERT_SQL_PG = f"INSERT INTO audit_events ({_INSERT_COLUMNS}) VALUES ({', '.jo
 # per batch size, and SQLite's statement cache (128 per connection) grew to tens of MiB
 # of prepared 1,000s-parameter statements under load (RSS +220 B/request).
 _KNOWN_CHUNK = 256
-_KNOWN_SQL_SQLITE = f"SELECT event_id FROM audit_events WHERE event_id IN ({', '.join('?' * _KNOWN_CHUNK)})"
+_KNOWN_SQL_SQLITE = f"SELECT event_id FROM audit_events WHERE event_id IN ({', '.join(['?'] * _KNOWN_CHUNK)})"
 _KNOWN_SQL_PG = f"SELECT event_id FROM audit_events WHERE event_id IN ({', '.join(['%s'] * _KNOWN_CHUNK)})"
 
 

@@ -114,9 +114,8 @@ class MemoryCacheStore:
 
     Entries are kept as tuples of plain values (``bytes``, ``float``, ``int``, ``str``) in
     one ``OrderedDict``, so the garbage collector untracks them: a full cache is one
-    container to it, not tens of thousands of objects walked on every full collection
-    (with cachetools' ``TLRUCache`` those walks cost the full pipeline ~60 µs/request
-    under load — ``benchmarks/README.md``).
+    container to it, not the several tracked objects per entry of cachetools'
+    ``TLRUCache`` (tens of thousands for a full cache) walked on every full collection.
 
     Args:
         max_entries: at most this many entries (least recently used evicted first).
