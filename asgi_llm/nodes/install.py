@@ -243,7 +243,7 @@ def render_windows(spec: ServiceSpec) -> str:
     lines += [
         f"$action = New-ScheduledTaskAction -Execute {_ps(argv[0])} -Argument {_ps(arguments)}"
         f" -WorkingDirectory {_ps(spec.state_dir)}",
-        "$trigger = New-ScheduledTaskTrigger -AtLogOn -User $env:USERNAME",
+        '$trigger = New-ScheduledTaskTrigger -AtLogOn -User "$env:USERDOMAIN\\$env:USERNAME"',
         "$settings = New-ScheduledTaskSettingsSet -ExecutionTimeLimit ([TimeSpan]::Zero) -RestartCount 999"
         " -RestartInterval (New-TimeSpan -Minutes 1) -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries",
         f"Register-ScheduledTask -TaskName {_ps(TASK_NAME)} -Action $action -Trigger $trigger -Settings $settings"

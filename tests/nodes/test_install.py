@@ -172,7 +172,7 @@ class TestWindows:
         assert arguments == subprocess.list2cmdline(spec.argv()[1:])
         assert f'--state-dir "{spec.state_dir}"' in arguments
         assert workdir == spec.state_dir
-        assert "New-ScheduledTaskTrigger -AtLogOn -User $env:USERNAME" in script
+        assert 'New-ScheduledTaskTrigger -AtLogOn -User "$env:USERDOMAIN\\$env:USERNAME"' in script
         assert "Register-ScheduledTask -TaskName 'asgi-llm-node'" in script
         assert f"[Environment]::SetEnvironmentVariable('{TOKEN_ENV}', '{TOKEN}', 'User')" in script
         assert TOKEN not in arguments
