@@ -31,7 +31,10 @@ from urllib.parse import urlsplit
 
 import typer
 
-__all__ = ["FLAVOURS", "FileToWrite", "ServicePlan", "ServiceSpec", "install_service", "plan_service", "program_argv"]
+__all__ = [
+    "FLAVOURS", "FileToWrite", "InstallError", "ServicePlan", "ServiceSpec", "default_flavour", "install_service",
+    "plan_service", "program_argv", "render_env_file", "render_launchd", "render_systemd", "render_windows",
+]
 
 FLAVOURS = ("systemd", "launchd", "windows")
 UNIT_NAME = "asgi-llm-node.service"
