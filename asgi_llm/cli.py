@@ -22,12 +22,21 @@ app = typer.Typer(
 _CONFIG_ENV = "ASGI_LLM_CONFIG"
 
 
+_LOCAL_RECIPE = Path("recipes/standalone.yaml")
+
+
 def default_recipe() -> Path:
-    """``recipes/standalone.yaml``: in the current directory, else next to the package."""
-    here = Path("recipes/standalone.yaml")
-    if here.is_file():
-        return here
-    return Path(__file__).resolve().parent.parent / "recipes" / "standalone.yaml"
+    """The recipe ``serve`` uses without ``--config``.
+
+    ``./recipes/standalone.yaml`` when the current directory has one (a checkout, or a
+    starter written by ``asgi-llm init``: the copy you can edit wins), else the copy
+    shipped inside the package (so a plain ``pip install``/``pipx install`` serves).
+    """
+    if _LOCAL_RECIPE.is_file():
+        return _LOCAL_RECIPE
+    from asgi_llm.recipes import STANDALONE
+
+    return STANDALONE
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]
@@ -56,7 +65,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Recipe file (default: recipes/standalone.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Recipe file (default: ./recipes/standalone.yaml, else the packaged one).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each a full, stateless gateway).")] = 1,
@@ -67,6 +76,8 @@ def serve(
     import uvicorn
 
     path = (config or default_recipe()).resolve()
+    if config is None:
+        typer.echo(f"asgi-llm: no --config, serving {path}", err=True)
     gateway = _load(path)  # validate before forking workers: fail fast, with the key's path
     if workers > 1 and gateway.extras.get("state_url", "memory://").startswith("memory://"):
         typer.echo(
@@ -82,6 +93,30 @@ def serve(
     else:
         os.environ[_CONFIG_ENV] = str(path)
         uvicorn.run("asgi_llm.cli:app_from_env", factory=True, workers=workers, lifespan="on", **opts)  # type: ignore[arg-type]
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the recipe.")] = _LOCAL_RECIPE,
+) -> None:
+    """Write the standalone recipe as a starter to edit (never overwrites a file)."""
+    from asgi_llm.recipes import STANDALONE
+
+    text = STANDALONE.read_text(encoding="utf-8")
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+        with path.open("x", encoding="utf-8") as out:  # "x": fails if anything (even a dangling link) is there
+            out.write(text)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.filename == str(path):
+            typer.echo(f"asgi-llm: {path} already exists; not overwriting it (remove it, or name another PATH)", err=True)
+        else:
+            typer.echo(f"asgi-llm: cannot write {path}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    serve_hint = "asgi-llm serve" if path == _LOCAL_RECIPE else f"asgi-llm serve --config {path}"
+    typer.echo(f"wrote {path}: edit its providers and models, check it with `asgi-llm check {path}`, "
+               f"then `{serve_hint}`")
 
 
 @app.command()

@@ -103,3 +103,12 @@ def _action(verb: str):  # type: ignore[no-untyped-def]
 
 for _verb in ("cordon", "uncordon", "drain", "revoke"):
     node_app.command(_verb)(_action(_verb))
+
+
+def _add_install_service() -> None:
+    from asgi_llm.nodes.install import install_service
+
+    node_app.command("install-service")(install_service)
+
+
+_add_install_service()
