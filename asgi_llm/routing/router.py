@@ -14,7 +14,8 @@ with price, weight, context window). :meth:`Router.make_plan` turns one request 
    max_price}``): the caller narrows or reorders further; it can never widen what a
    rule allowed.
 4. **Strategy** orders the primary model's targets: ``priority`` (recipe order),
-   ``weighted`` (random, by weight), ``cheapest`` (estimated cost of this request),
+   ``weighted`` (random, by weight), ``cheapest`` (estimated cost of this request, priced
+   by :mod:`asgi_llm.usage.accounting` like budgets and the ledger),
    ``fastest`` (latency EWMA; unmeasured first so they get measured), ``least-busy``
    (fewest in flight). Fallback models' targets follow in their own order.
 5. **Health**: targets whose every key is open or cooling are skipped; a request with

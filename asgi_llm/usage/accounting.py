@@ -411,9 +411,10 @@ class Accountant:
 
     # ---- one target
 
-    def quote(self, target: Target | None, usage: Usage, *, route: str, model: str, provider: str | None,
+    def quote(self, target: Target | None, usage: Usage | None, *, route: str, model: str, provider: str | None,
               response_model: str | None = None) -> PriceQuote:
-        """The cost of ``usage`` on ``target`` (or on the route, when the target is unknown)."""
+        """The cost of ``usage`` on ``target`` (or on the route, when the target is unknown):
+        the target's own price (recipe, or a node owner's), else the sources after it."""
         return self.pricer.quote(target_price=target.price if target is not None else None, route=route, model=model,
                                  usage=usage, response_model=response_model, provider=provider)
 

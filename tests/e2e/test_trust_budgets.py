@@ -94,17 +94,27 @@ class Served:
         finally:
             r.close()
 
-    def ledger(self, who: str, expect_rows: int | None = None) -> dict[str, Any]:
-        """The key's ledger totals (cost in pico-USD), once the ledger has the rows."""
+    def _ledger_row(self, who: str) -> dict[str, Any] | None:
+        assert self.admin("POST", "/admin/usage/flush").status_code == 200
+        resp = self.admin("GET", "/admin/usage?group_by=key")
+        assert resp.status_code == 200, resp.text
+        row = next((r for r in resp.json()["data"] if r["key"] == f"static:{who}-{self.suffix}"), None)
+        return None if row is None else {**row, "cost_pico": int(Decimal(row["cost_usd"]) * PICO)}
+
+    def attempts(self, who: str) -> int:
+        """The key's ledger rows so far."""
+        row = self._ledger_row(who)
+        return 0 if row is None else int(row["attempts"])
+
+    def ledger(self, who: str, expect_rows: int) -> dict[str, Any]:
+        """The key's ledger totals (cost in pico-USD), once the ledger has ``expect_rows`` rows."""
         deadline = time.monotonic() + 10
         while True:
-            assert self.admin("POST", "/admin/usage/flush").status_code == 200
-            rows = self.admin("GET", "/admin/usage?group_by=key").json()["data"]
-            row = next((r for r in rows if r["key"] == f"static:{who}-{self.suffix}"), None)
-            if row is not None and (expect_rows is None or row["attempts"] >= expect_rows):
-                return {**row, "cost_pico": int(Decimal(row["cost_usd"]) * PICO)}
+            row = self._ledger_row(who)
+            if row is not None and row["attempts"] >= expect_rows:
+                return row
             if time.monotonic() > deadline:
-                raise AssertionError(f"ledger rows for {who} did not arrive: {rows}")
+                raise AssertionError(f"{expect_rows} ledger rows for {who} did not arrive: {row}")
             time.sleep(0.05)
 
 
@@ -262,13 +272,13 @@ class TestNodes:
     @pytest.mark.parametrize("stream", [False, True])
     def test_absurd_usage_is_clamped_and_flagged(self, served: Served, stream: bool) -> None:
         """A node reporting 3·10¹² tokens is billed for what the request and answer make possible."""
-        before = served.spent_pico("liar")
+        before, rows_before = served.spent_pico("liar"), served.attempts("liar")
         with served.client("liar") as c:
             if stream:
                 list(c.chat.completions.create(model="liar", messages=MESSAGES, stream=True))
             else:
                 c.chat.completions.create(model="liar", messages=MESSAGES)
-        ledger = served.ledger("liar", expect_rows=2 if stream else 1)
+        ledger = served.ledger("liar", expect_rows=rows_before + 1)
         assert ledger["estimated_rows"] == ledger["attempts"]
         assert ledger["prompt_tokens"] < 2_000 * ledger["attempts"] and ledger["completion_tokens"] < 200 * ledger["attempts"]
         assert served.spent_pico("liar") == ledger["cost_pico"] < int(Decimal("0.01") * PICO)
