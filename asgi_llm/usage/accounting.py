@@ -408,6 +408,7 @@ class Accountant:
         self.prompt_estimator = prompt_estimator
         self.default_max_tokens = default_max_tokens
         self._unpriced_warned: set[str] = set()
+        self._units: dict[tuple[Any, ...], tuple[Decimal, Decimal] | None] = {}
 
     # ---- one target
 
@@ -424,41 +425,60 @@ class Accountant:
         return self.quote(target, usage, route=target.route, model=target.model, provider=target.provider)
 
     def estimate_cost(self, target: Target, prompt: int, completion: int) -> Decimal | None:
-        """What ``cheapest`` and ``/admin/explain`` show: the cost, or None when unpriced."""
-        q = self.target_cost(target, max(prompt, 1), completion)
-        return None if q.source == "unpriced" else q.cost
+        """What ``cheapest`` and ``/admin/explain`` show: ``prompt`` + ``completion`` tokens
+        at :meth:`unit_price`, or None when the target is unpriced."""
+        unit = self.unit_price(target)
+        if unit is None:
+            return None
+        return (max(prompt, 1) * unit[0] + completion * unit[1]) / MILLION
 
     def unit_price(self, target: Target) -> tuple[Decimal, Decimal] | None:
         """USD per 1M prompt and per 1M completion tokens on ``target`` (what
-        ``provider.max_price`` compares), or None when unpriced."""
+        ``provider.max_price`` compares and reservations use), or None when unpriced.
+
+        Computed once per target. The prompt price is the dearer of uncached and cached
+        input; a genai-prices entry is read at 1M tokens, its top tier, so that ``n``
+        tokens at this price never cost less than the ledger bills for them.
+        """
+        key = (target.route, target.model, target.provider, target.price)
+        found = self._units.get(key, _MISSING)
+        if found is _MISSING:
+            if len(self._units) >= 10_000:  # node targets come and go: bound the cache
+                self._units.clear()
+            found = self._units[key] = self._unit_price(target)
+        return found  # type: ignore[return-value]
+
+    def _unit_price(self, target: Target) -> tuple[Decimal, Decimal] | None:
         prompt = self.target_cost(target, 1_000_000, 0)
         if prompt.source == "unpriced":
             return None
-        return prompt.cost, self.target_cost(target, 0, 1_000_000).cost
+        cached = self.quote(target, Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000, total_tokens=1_000_000),
+                            route=target.route, model=target.model, provider=target.provider)
+        return max(prompt.cost, cached.cost), self.target_cost(target, 0, 1_000_000).cost
 
     # ---- admission
 
     def reservation(self, targets: Iterable[Target], prompt: int, completion: int) -> tuple[int, list[str]]:
-        """Pico-USD to reserve: the most ``prompt`` + ``completion`` tokens cost on any of
-        ``targets`` (rounded up, at most :data:`MAX_CHARGE_PICO`), and the routes that
-        have no price.
+        """Pico-USD to reserve: the most ``prompt`` + ``completion`` tokens may cost on any
+        of ``targets`` at :meth:`unit_price` (rounded up, at most :data:`MAX_CHARGE_PICO`),
+        and the routes that have no price.
 
         An unpriced target is charged 0 by the ledger and by settlement alike, so it
         adds nothing to the worst case; it is reported (and logged once) instead, since
         spend budgets cannot limit it.
         """
-        worst, unpriced = 0, []
+        worst, unpriced = Decimal(0), []
         for t in targets:
-            q = self.target_cost(t, prompt, completion)
-            if q.source == "unpriced":
+            unit = self.unit_price(t)
+            if unit is None:
                 unpriced.append(t.route)
                 if t.route not in self._unpriced_warned and len(self._unpriced_warned) < 1000:
                     self._unpriced_warned.add(t.route)
                     logger.warning("accounting: route %s has no price (recipe, usage.prices or genai-prices); "
                                    "spend budgets do not limit its traffic", t.route)
             else:
-                worst = max(worst, ceil_pico(q.cost))
-        return min(worst, MAX_CHARGE_PICO), unpriced
+                worst = max(worst, prompt * unit[0] + completion * unit[1])
+        return min(ceil_pico(worst / MILLION), MAX_CHARGE_PICO), unpriced
 
     # ---- settlement and the ledger
 
