@@ -167,8 +167,16 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
         nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 2.0}}
         routing: {{health: {{failure_threshold: 1000, probe_interval_s: 0}}}}
         """))
-    with gateway_process(recipe, name="gateway-budgets") as gw:
-        yield Served(gw.url, sfx)
+    try:
+        with gateway_process(recipe, name="gateway-budgets") as gw:
+            yield Served(gw.url, sfx)
+    finally:  # this run's counters (they would expire with their day anyway)
+        r = redis.Redis.from_url(REDIS_URL)
+        try:
+            for k in list(r.scan_iter(match=f"asgi-llm:rl:*-{sfx}*", count=1000)):
+                r.delete(k)
+        finally:
+            r.close()
 
 
 @pytest.fixture(scope="module")
