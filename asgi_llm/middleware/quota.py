@@ -49,7 +49,7 @@ from asgi_llm.errors import RateLimitError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.state import Admission, Limit, LimitStatus, Reservation, StateStore
-from asgi_llm.usage.accounting import Accountant, clamp_charge, estimate_request
+from asgi_llm.usage.accounting import Accountant, clamp_charge, estimate_request, total_pico
 from asgi_llm.usage.records import PICO
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class QuotaMiddleware:
         finally:
             charges = self.accountant.charges(ctx)
             tokens = sum(c.usage.prompt_tokens + c.usage.completion_tokens for c in charges)
-            spend = clamp_charge(sum(c.pico for c in charges))
+            spend = clamp_charge(total_pico(charges))
             ctx.state["quota"] = {"reserved_tokens": prompt_est + completion_cap, "reserved_spend_pico_usd": spend_est,
                                   "tokens": tokens, "spend_pico_usd": spend, "unpriced_routes": unpriced}
             if self._shield_settle:

@@ -43,6 +43,7 @@ above all) reports to what the request and the answer make possible, and flags i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -535,8 +536,6 @@ class Accountant:
         """Completion tokens of a non-streamed answer that came without usage."""
         if not seen.body:
             return 0
-        import json
-
         try:
             obj = json.loads(seen.body)
             texts = []
