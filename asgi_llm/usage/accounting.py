@@ -60,21 +60,30 @@ if TYPE_CHECKING:
     from asgi_llm.routing.router import Price, Router, Target
 
 __all__ = [
-    "ESTIMATORS",
-    "MAX_CHARGE_PICO",
     "Accountant",
     "Charge",
+    "ESTIMATORS",
+    "HIDDEN_TOKENS_MAX",
+    "MAX_CHARGE_PICO",
+    "PART_TOKENS",
+    "PROMPT_SLACK",
     "PriceQuote",
     "Pricer",
     "PromptEstimator",
     "Seen",
+    "USAGE_SLACK",
     "answer_bytes",
+    "ceil_pico",
+    "clamp_charge",
+    "completion_cap",
     "cost_of",
     "count_content_pieces",
     "estimate_prompt_chars",
     "estimate_prompt_words",
     "estimate_request",
     "plausible_usage",
+    "shared_accountant",
+    "total_pico",
 ]
 
 logger = logging.getLogger("asgi_llm.accounting")
@@ -169,7 +178,10 @@ def estimate_request(ctx: RequestContext, default_max_tokens: int = 4096) -> tup
 # ------------------------------------------------------------------ plausibility
 
 USAGE_SLACK = 64
-"""Tokens of slack over each bound below (chat templates, special tokens)."""
+"""Completion tokens of slack over the bounds below (special tokens, stop sequences)."""
+PROMPT_SLACK = 256
+"""Prompt tokens of slack over the body's bytes: a chat template and a default system
+prompt the engine adds, on a request whose body is tiny."""
 PART_TOKENS = 4096
 """Prompt tokens allowed per non-text content part (an image, audio, a file)."""
 HIDDEN_TOKENS_MAX = 131_072
@@ -220,15 +232,16 @@ def answer_bytes(obj: Mapping[str, Any]) -> int:
 def plausible_usage(usage: Usage, ctx: RequestContext, *, answer_size: int, hidden_ok: bool) -> Usage:
     """``usage`` as reported, or clamped to what is possible and flagged ``estimated``.
 
-    Bounds (each + :data:`USAGE_SLACK`): prompt tokens ≤ request body bytes (+
-    :data:`PART_TOKENS` per image/audio/file part); completion tokens ≤ the request's
+    Bounds: prompt tokens ≤ request body bytes + :data:`PROMPT_SLACK` (+
+    :data:`PART_TOKENS` per image/audio/file part); completion tokens (+
+    :data:`USAGE_SLACK`) ≤ the request's
     cap (``max_completion_tokens``/``max_tokens`` × ``n``) and ≤ ``answer_size`` (the
     generated text's bytes, :func:`answer_bytes`) — plus, for ``hidden_ok`` targets
     (hosted providers, which bill reasoning they do not send), the reported reasoning
     tokens, at most :data:`HIDDEN_TOKENS_MAX` (and the cap); cached ≤ prompt; reasoning ≤
     completion. Called where an attempt's reported usage is recorded.
     """
-    prompt_max = len(ctx.body) + USAGE_SLACK + PART_TOKENS * _media_parts(ctx.payload)
+    prompt_max = len(ctx.body) + PROMPT_SLACK + PART_TOKENS * _media_parts(ctx.payload)
     cap = completion_cap(ctx.payload) if ctx.endpoint != "embeddings" else 0
     hidden = min(usage.reasoning_tokens, HIDDEN_TOKENS_MAX, cap if cap is not None else HIDDEN_TOKENS_MAX) if hidden_ok else 0
     completion_max = answer_size + hidden + USAGE_SLACK

@@ -35,6 +35,7 @@ from asgi_llm.testing.processes import FakeUpstreamHandle
 from asgi_llm.usage.accounting import (
     HIDDEN_TOKENS_MAX,
     PART_TOKENS,
+    PROMPT_SLACK,
     USAGE_SLACK,
     Accountant,
     Pricer,
@@ -283,7 +284,7 @@ class TestPlausibility:
         u = plausible_usage(Usage(3 * 10**12, 3 * 10**12, 6 * 10**12, cached_tokens=3 * 10**12, reasoning_tokens=3 * 10**12),
                             ctx, answer_size=30, hidden_ok=False)
         assert u.estimated
-        assert u.prompt_tokens == len(ctx.body) + USAGE_SLACK and u.completion_tokens == 30 + USAGE_SLACK
+        assert u.prompt_tokens == len(ctx.body) + PROMPT_SLACK and u.completion_tokens == 30 + USAGE_SLACK
         assert u.cached_tokens == u.prompt_tokens and u.reasoning_tokens == u.completion_tokens
         assert u.total_tokens == u.prompt_tokens + u.completion_tokens
 
@@ -303,11 +304,13 @@ class TestPlausibility:
         assert u.completion_tokens == 10 + HIDDEN_TOKENS_MAX + USAGE_SLACK
 
     def test_images_allow_prompt_tokens(self) -> None:
-        """Each image part allows PART_TOKENS prompt tokens beyond the body's bytes."""
+        """Each image part allows PART_TOKENS prompt tokens beyond the body's bytes (and the slack)."""
         content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
         ctx = _ctx({"model": "m", "messages": [{"role": "user", "content": content}]})
-        u = Usage(prompt_tokens=len(ctx.body) + PART_TOKENS, completion_tokens=1, total_tokens=len(ctx.body) + PART_TOKENS + 1)
+        top = len(ctx.body) + PROMPT_SLACK + PART_TOKENS
+        u = Usage(prompt_tokens=top, completion_tokens=1, total_tokens=top + 1)
         assert plausible_usage(u, ctx, answer_size=4, hidden_ok=False) is u
+        assert plausible_usage(Usage(top + 1, 1, top + 2), ctx, answer_size=4, hidden_ok=False).prompt_tokens == top
 
     def test_answer_bytes(self) -> None:
         """Generated text in every place it can be: content, reasoning, tool calls, completions text."""
