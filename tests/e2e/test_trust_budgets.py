@@ -149,7 +149,8 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
           cheap:  {{targets: [{{provider: cheap-p, model: gpt-4o-mini, price: {{input: 0.01, output: 0.01}}}}]}}
           pricey: {{targets: [{{provider: pricey-p, model: gpt-4o-mini, price: {{input: 300, output: 600}}}}]}}
           ovr:    {{targets: [{{provider: ovr-p, model: gpt-4o-mini}}]}}
-          local:  {{targets: [{{nodes: any, model: tiny-chat}}]}}
+          local:  {{targets: [{{nodes: "name:honest-{sfx}", model: tiny-chat}}]}}
+          dear:   {{targets: [{{nodes: "name:dear-{sfx}", model: tiny-chat}}]}}
           liar:   {{targets: [{{nodes: any, model: liar-chat}}]}}
         stores: {{ledger: "sqlite:///{tmp / 'gw.db'}", state: "{REDIS_URL}"}}
         auth:
@@ -161,6 +162,7 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
             - {{key: "sk-ovr-{sfx}", org: team-a, name: "ovr-{sfx}", limits: {{spend_usd_per_day: 10}}}}
             - {{key: "sk-node-{sfx}", org: team-a, name: "node-{sfx}", limits: {{spend_usd_per_day: 10}}}}
             - {{key: "sk-liar-{sfx}", org: team-a, name: "liar-{sfx}", limits: {{spend_usd_per_day: 10}}}}
+            - {{key: "sk-dear-{sfx}", org: team-a, name: "dear-{sfx}", limits: {{spend_usd_per_day: 0.01}}}}
         usage:
           flush_interval_s: 0.05
           prices: {{"ovr-p/gpt-4o-mini": {{input: 2, output: 4}}}}
@@ -182,13 +184,15 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def nodes(served: Served, chat_engine: FakeUpstreamHandle, liar_engine: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Two enrolled node agents of team-a: an honest one priced by its owner, and a liar."""
+    """Three enrolled node agents of team-a, priced by their owners: a cheap one, a dear
+    one, and a liar."""
     tmp = tmp_path_factory.mktemp("agents")
     procs = []
     from contextlib import ExitStack
 
     with ExitStack() as stack:
         for name, engine, price in ((f"honest-{served.suffix}", chat_engine.base_url, ("5", "10")),
+                                    (f"dear-{served.suffix}", chat_engine.base_url, ("100", "200")),
                                     (f"liar-{served.suffix}", liar_engine, ("1", "1"))):
             token = served.admin("POST", "/admin/enrollment-tokens", {"org": "team-a"})
             assert token.status_code == 201, token.text
@@ -198,14 +202,13 @@ def nodes(served: Served, chat_engine: FakeUpstreamHandle, liar_engine: str,
                     "--token", token.json()["token"], "--price-input", price[0], "--price-output", price[1]]
             procs.append(stack.enter_context(managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz",
                                                              name=f"agent-{name}", timeout=30)))
-        wait_for(lambda: _serves(served, "local") and _serves(served, "liar"), 20, "both nodes to serve")
+        names = {f"{n}-{served.suffix}" for n in ("honest", "dear", "liar")}
+        wait_for(lambda: _online(served) >= names, 20, "the three nodes to be online")
         yield
 
 
-def _serves(served: Served, model: str) -> bool:
-    nodes = served.admin("GET", "/admin/nodes").json()["data"]
-    wanted = "tiny-chat" if model == "local" else "liar-chat"
-    return any(n["status"] == "online" and any(m.get("id") == wanted for m in n.get("models", [])) for n in nodes)
+def _online(served: Served) -> set[str]:
+    return {n["name"] for n in served.admin("GET", "/admin/nodes").json()["data"] if n["status"] == "online"}
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -276,6 +279,22 @@ class TestNodes:
         ledger = served.ledger("node", expect_rows=1)
         assert ledger["cost_pico"] == int((u.prompt_tokens * 5 + u.completion_tokens * 10) * PICO / 10**6) > 0
         assert served.spent_pico("node") == ledger["cost_pico"]
+
+    def test_node_spend_hits_the_budget(self, served: Served) -> None:
+        """A node at $100/$200 per 1M against a $0.01/day budget: a few admitted, then 429
+        insufficient_quota — node traffic is spend like any other — and counter == ledger."""
+        admitted, refused = 0, 0
+        with served.client("dear") as c:
+            for _ in range(20):
+                try:
+                    c.chat.completions.create(model="dear", messages=MESSAGES, max_tokens=10)
+                    admitted += 1
+                except openai.RateLimitError as exc:
+                    assert exc.code == "insufficient_quota" and int(exc.response.headers["retry-after"]) >= 1
+                    refused += 1
+        assert 0 < admitted < 20 and admitted + refused == 20, f"admitted {admitted}/20"
+        ledger = served.ledger("dear", expect_rows=admitted)
+        assert served.spent_pico("dear") == ledger["cost_pico"] <= int(Decimal("0.01") * PICO)
 
     @pytest.mark.parametrize("stream", [False, True])
     def test_absurd_usage_is_clamped_and_flagged(self, served: Served, stream: bool) -> None:
