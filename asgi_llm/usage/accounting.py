@@ -451,8 +451,9 @@ class Accountant:
         ``provider.max_price`` compares and reservations use), or None when unpriced.
 
         Computed once per target. The prompt price is the dearer of uncached and cached
-        input; a genai-prices entry is read at 1M tokens, its top tier, so that ``n``
-        tokens at this price never cost less than the ledger bills for them.
+        input; a genai-prices entry is read at 1M tokens, its top tier (the output price
+        next to 1M prompt tokens, for tiers keyed on the prompt's size), so that tokens
+        at these prices never cost less than the ledger bills for them.
         """
         key = (target.route, target.model, target.provider, target.price)
         found = self._units.get(key, _MISSING)
@@ -468,7 +469,8 @@ class Accountant:
             return None
         cached = self.quote(target, Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000, total_tokens=1_000_000),
                             route=target.route, model=target.model, provider=target.provider)
-        return max(prompt.cost, cached.cost), self.target_cost(target, 0, 1_000_000).cost
+        both = self.target_cost(target, 1_000_000, 1_000_000).cost
+        return max(prompt.cost, cached.cost), max(both - prompt.cost, self.target_cost(target, 0, 1_000_000).cost)
 
     # ---- admission
 

@@ -251,6 +251,18 @@ class TestReachable:
         assert "spend budgets do not limit" in caplog.text
 
 
+class TestTieredGenaiPrices:
+    @pytest.mark.parametrize(("prompt", "completion"), [(1_000, 500), (300_000, 8_000)])
+    def test_reservation_covers_both_tiers(self, prompt: int, completion: int) -> None:
+        """genai-prices tiers keyed on the prompt's size (gemini-2.5-pro above 200k tokens):
+        the reservation at the top tier is never below what the ledger bills."""
+        target = Target("google", "gemini-2.5-pro")
+        acct = Accountant()
+        billed = acct.target_cost(target, prompt, completion)
+        assert billed.source == "genai-prices"
+        assert acct.reservation([target], prompt, completion)[0] >= to_pico(billed.cost) > 0
+
+
 class TestSettlementUnits:
     def test_every_attempt_and_node_attempts_are_charged(self) -> None:
         """Settlement charges each attempt at its target's price: a failed-over attempt that
