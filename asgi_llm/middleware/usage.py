@@ -117,6 +117,7 @@ class UsageMiddleware:
                 body = message.get("body", b"")
                 if ctx.stream:
                     seen.pieces += count_content_pieces(body)
+                    seen.stream_bytes += len(body)
                 elif body:
                     seen.body = body if not seen.body else seen.body + body
             await send(message)
@@ -145,7 +146,7 @@ class UsageMiddleware:
         starts: list[float] = []
         if not ctx.attempt_log:
             if ctx.cache_status == "HIT":
-                rows.append(self._cache_row(ctx, base))
+                rows.append(self._cache_row(ctx, base, seen))
                 starts.append(ctx.started_at)
         else:
             for charge in self.accountant.charges(ctx, seen):
@@ -175,7 +176,7 @@ class UsageMiddleware:
             error_code=a.error_code,
         )
 
-    def _cache_row(self, ctx: RequestContext, base: dict[str, Any]) -> LedgerRow:
+    def _cache_row(self, ctx: RequestContext, base: dict[str, Any], seen: Seen) -> LedgerRow:
         hit = ctx.state.get("cache_hit") or {}
         usage = hit.get("usage")
         if isinstance(usage, dict):
@@ -183,6 +184,7 @@ class UsageMiddleware:
         if not isinstance(usage, Usage):
             usage = ctx.usage
         route = str(hit.get("route") or "")
+        usage = self.accountant.replayed_usage(ctx, usage, route, seen)
         target = self.accountant.find_target(ctx, route)
         provider, _, upstream_model = route.partition("/")
         quote = self.accountant.quote(target, usage, route=route, model=target.model if target else upstream_model,

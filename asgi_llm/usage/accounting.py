@@ -388,14 +388,26 @@ class Charge:
 
 
 class Seen:
-    """What reached the client (the usage layer watches): content pieces of a stream, or
-    a non-stream body."""
+    """What reached the client (the usage layer watches): content pieces and bytes of a
+    stream, or a non-stream body."""
 
-    __slots__ = ("body", "pieces")
+    __slots__ = ("body", "pieces", "stream_bytes")
 
     def __init__(self) -> None:
         self.pieces = 0
+        self.stream_bytes = 0
         self.body = b""
+
+    def answer_size(self) -> int:
+        """An upper bound of the generated text's bytes in what was sent (for streams,
+        the SSE bytes themselves)."""
+        if self.body:
+            try:
+                obj = json.loads(self.body)
+            except ValueError:
+                return len(self.body)
+            return answer_bytes(obj) if isinstance(obj, dict) else len(self.body)
+        return self.stream_bytes
 
 
 _CHARGES = "accounting.charges"
@@ -546,6 +558,14 @@ class Accountant:
             completion = 0
         prompt = self.prompt_estimator(ctx)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True)
+
+    def replayed_usage(self, ctx: RequestContext, usage: Usage | None, route: str, seen: Seen) -> Usage | None:
+        """A cache hit's usage (what the stored answer reported when it was captured),
+        plausibility-checked against this request and the replayed answer, as a live
+        attempt's is: an entry from a lying upstream must not inflate ``saved_usd``."""
+        if usage is None:
+            return None
+        return plausible_usage(usage, ctx, answer_size=seen.answer_size(), hidden_ok=not route.startswith("node:"))
 
     def _estimate_body(self, seen: Seen) -> int:
         """Completion tokens of a non-streamed answer that came without usage."""

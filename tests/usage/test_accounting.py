@@ -39,6 +39,7 @@ from asgi_llm.usage.accounting import (
     USAGE_SLACK,
     Accountant,
     Pricer,
+    Seen,
     answer_bytes,
     estimate_request,
     plausible_usage,
@@ -323,6 +324,16 @@ class TestPlausibility:
         u = Usage(prompt_tokens=top, completion_tokens=1, total_tokens=top + 1)
         assert plausible_usage(u, ctx, answer_size=4, hidden_ok=False) is u
         assert plausible_usage(Usage(top + 1, 1, top + 2), ctx, answer_size=4, hidden_ok=False).prompt_tokens == top
+
+    def test_cache_hit_usage_is_checked_too(self) -> None:
+        """A cached answer from a lying node cannot inflate saved_usd: its usage is clamped
+        against the replayed answer, like a live attempt's."""
+        ctx = _ctx({"model": "m", "messages": MESSAGES})
+        seen = Seen()
+        seen.body = json.dumps({"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 3 * 10**12}}).encode()
+        u = Accountant().replayed_usage(ctx, Usage(3 * 10**12, 3 * 10**12, 6 * 10**12), "node:box/m", seen)
+        assert u is not None and u.estimated and u.completion_tokens == 2 + USAGE_SLACK
+        assert u.prompt_tokens == len(ctx.body) + PROMPT_SLACK
 
     def test_answer_bytes(self) -> None:
         """Generated text in every place it can be: content, reasoning, tool calls, completions text."""
