@@ -23,7 +23,10 @@ Settlement charges **every attempt** (a failed-over one that consumed the prompt
 node's, the one that answered) exactly what its ledger row costs
 (:meth:`~asgi_llm.usage.accounting.Accountant.charges`, computed once per request), so a
 budget's spend is the sum of the ledger's rows, to the pico-dollar. Spend counters are in
-pico-USD. A cache hit costs nothing.
+pico-USD; one request reserves and is charged at most
+:data:`~asgi_llm.usage.accounting.MAX_CHARGE_PICO` (≈ $9,007, what Redis's Lua doubles
+hold exactly). The reservation covers one attempt: a request that failed over after an
+attempt consumed its prompt settles above it by those prompts. A cache hit costs nothing.
 
 Responses carry OpenAI's ``x-ratelimit-limit/remaining/reset-requests`` and ``-tokens``
 headers (the most constrained level), errors included. A refusal is a 429 with
