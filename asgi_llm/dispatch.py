@@ -33,6 +33,7 @@ from asgi_llm.middleware.context import ensure_context
 from asgi_llm.providers.base import ProviderAdapter, UpstreamReply, retry_after_seconds
 from asgi_llm.routing.health import HealthTracker
 from asgi_llm.routing.router import Router
+from asgi_llm.usage.accounting import answer_bytes, plausible_usage
 
 __all__ = ["DispatchApp"]
 
@@ -78,10 +79,11 @@ class DispatchApp:
             finally:
                 ctx.upstream_seconds += time.perf_counter() - t0
             try:
+                hidden_ok = target.kind != "node"  # nodes' engines stream all they generate
                 if ctx.stream:
-                    await _relay_stream(ctx, reply, attempt, receive, send)
+                    await _relay_stream(ctx, reply, attempt, receive, send, hidden_ok)
                 else:
-                    await _relay_body(ctx, reply, attempt, send)
+                    await _relay_body(ctx, reply, attempt, send, hidden_ok)
             finally:
                 await reply.aclose()
             attempt.status, attempt.outcome = 200, "ok"
@@ -121,13 +123,22 @@ def _record_failure(health: HealthTracker, route: str, key_id: str, exc: Upstrea
     health.failure(route, key_id, error=exc.code or type(exc).__name__)
 
 
-async def _relay_body(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
+def _record_usage(ctx: RequestContext, attempt: Attempt, raw_usage: object, answer_size: int, hidden_ok: bool) -> None:
+    """The attempt's usage as reported, plausibility-checked: clamped (and flagged
+    ``estimated``) when it claims more than the request and the answer make possible."""
+    usage = Usage.from_openai(raw_usage)
+    if usage is not None:
+        usage = plausible_usage(usage, ctx, answer_size=answer_size, hidden_ok=hidden_ok)
+    ctx.usage = attempt.usage = usage
+
+
+async def _relay_body(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send, hidden_ok: bool = True) -> None:
     t0 = time.perf_counter()
     try:
         raw, obj = await reply.body()
     finally:
         ctx.upstream_seconds += time.perf_counter() - t0
-    ctx.usage = attempt.usage = Usage.from_openai(obj.get("usage"))
+    _record_usage(ctx, attempt, obj.get("usage"), answer_bytes(obj), hidden_ok)
     model = obj.get("model")
     attempt.response_model = model if isinstance(model, str) else None
     ctx.timings["upstream_total"] = time.perf_counter() - reply.sent_at
@@ -136,14 +147,15 @@ async def _relay_body(ctx: RequestContext, reply: UpstreamReply, attempt: Attemp
     await send({"type": "http.response.body", "body": raw})
 
 
-async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send) -> None:
+async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send,
+                        hidden_ok: bool = True) -> None:
     """Relay chunks while watching for the client going away."""
     try:
         task = asyncio.current_task()
     except RuntimeError:  # not asyncio (trio): anyio's task group
         task = None
     if task is None:
-        await _relay_stream_anyio(ctx, reply, attempt, receive, send)
+        await _relay_stream_anyio(ctx, reply, attempt, receive, send, hidden_ok)
         return
     # asyncio: a plain watcher task that cancels this one on a disconnect. It does what
     # the anyio task group below does at a fraction of the cost (no cancel scopes, no
@@ -162,7 +174,7 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await _pump(ctx, reply, attempt, send)
+        await _pump(ctx, reply, attempt, send, hidden_ok)
     except asyncio.CancelledError:
         # Our own cancel (and nobody else's): the client left mid-stream.
         if disconnected and task.uncancel() <= cancelling:
@@ -173,7 +185,8 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
         watcher.cancel()
 
 
-async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send) -> None:
+async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, receive: Receive, send: Send,
+                              hidden_ok: bool) -> None:
     failure: BaseException | None = None
     disconnected = False
 
@@ -187,7 +200,7 @@ async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
         try:
-            await _pump(ctx, reply, attempt, send)
+            await _pump(ctx, reply, attempt, send, hidden_ok)
             finished = True
         except Exception as exc:  # re-raised below, outside the task group
             failure = exc
@@ -207,7 +220,7 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send) -> None:
+async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, send: Send, hidden_ok: bool = True) -> None:
     """Relay chunks. Chunks before the first content (the role chunk, usually) are held
     and the response start is sent with the first content: that is the stream's commit
     point. Until then nothing has reached the client, so a failure can still move to
@@ -215,6 +228,7 @@ async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, sen
     held: list[bytes] = []
     committed = False
     include_usage = ctx.include_usage
+    answered = 0  # bytes of generated text so far: what reported usage is checked against
     wait_from = time.perf_counter()
     async with contextlib.aclosing(reply.chunks()) as chunks:
         async for raw, obj in chunks:
@@ -222,9 +236,10 @@ async def _pump(ctx: RequestContext, reply: UpstreamReply, attempt: Attempt, sen
                 attempt.response_model = obj["model"]
             if obj.get("choices"):
                 attempt.content_chunks += 1
+                answered += answer_bytes(obj)
             usage = obj.get("usage")
             if usage:
-                ctx.usage = attempt.usage = Usage.from_openai(usage)
+                _record_usage(ctx, attempt, usage, answered, hidden_ok)
                 if not include_usage:
                     if not obj.get("choices"):
                         continue  # the usage-only chunk the client did not ask for

@@ -9,16 +9,24 @@ the store. When the request ends — success, upstream error, failover, client
 disconnect, cancellation — **settlement** charges the real usage of every attempt and
 refunds the rest.
 
-The estimate (documented as such, never billed): prompt tokens ≈ request body bytes / 4
-(cheap, and an over-estimate for JSON, which is what a reservation wants); completion
-tokens = ``max_completion_tokens`` / ``max_tokens`` × ``n``, or ``limits.default_max_tokens``
-when the request sets none. Its price uses the highest input and output prices among
-the model's targets, since this layer runs before failover picks one.
+Prices come from :mod:`asgi_llm.usage.accounting`, the module the router and the ledger
+use too. The reservation (an estimate, never billed): prompt tokens ≈ request body bytes
+/ 4, completion tokens = the request's cap × ``n`` (``limits.default_max_tokens`` when it
+sets none), priced on the **most expensive target the request may reach** — its model's
+targets and those of the fallback models it names (``fallbacks``, ``models[]``), node
+selectors resolved to the live nodes at their owners' prices, after the rule and
+``provider`` filters (:meth:`~asgi_llm.routing.router.Router.reachable`). A target with
+no price is billed 0 by the ledger, so it adds 0 to the worst case; it is flagged
+(``ctx.state["quota"]["unpriced_routes"]``, a warning once per route).
 
-Real usage: the sum over ``ctx.attempt_log`` of each attempt's reported usage, priced at
-that attempt's target. An attempt cut off (client gone, stream broken) without a usage
-report is charged the prompt estimate plus one token per content chunk relayed; an
-attempt that failed before producing anything costs nothing. A cache hit costs nothing.
+Settlement charges **every attempt** (a failed-over one that consumed the prompt, a
+node's, the one that answered) exactly what its ledger row costs
+(:meth:`~asgi_llm.usage.accounting.Accountant.charges`, computed once per request), so a
+budget's spend is the sum of the ledger's rows, to the pico-dollar. Spend counters are in
+pico-USD; one request reserves and is charged at most
+:data:`~asgi_llm.usage.accounting.MAX_CHARGE_PICO` (≈ $9,007, what Redis's Lua doubles
+hold exactly). The reservation covers one attempt: a request that failed over after an
+attempt consumed its prompt settles above it by those prompts. A cache hit costs nothing.
 
 Responses carry OpenAI's ``x-ratelimit-limit/remaining/reset-requests`` and ``-tokens``
 headers (the most constrained level), errors included. A refusal is a 429 with
@@ -31,10 +39,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from decimal import ROUND_CEILING, Decimal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,10 +52,12 @@ from asgi_llm.errors import RateLimitError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.state import Admission, Limit, LimitStatus, Reservation, StateStore
+from asgi_llm.usage.accounting import Accountant, clamp_charge, estimate_request, total_pico
+from asgi_llm.usage.records import PICO
 
 if TYPE_CHECKING:
     from asgi_llm.context import Principal, RequestContext
-    from asgi_llm.routing.router import ModelRoute, Price, Router, Target
+    from asgi_llm.routing.router import Router
     from asgi_llm.stack import BuildParts, LayerFactory
 
 __all__ = ["QuotaMiddleware", "build_quota_layer", "format_reset"]
@@ -56,7 +65,8 @@ __all__ = ["QuotaMiddleware", "build_quota_layer", "format_reset"]
 logger = logging.getLogger("asgi_llm.quota")
 
 FailurePolicy = Literal["closed", "open"]
-_MICRO = Decimal(1_000_000)
+_MAX_SPEND_LIMIT = 2**63 - 1  # pico-USD; a larger budget is unlimited in practice ($9.2M)
+_SPEND = frozenset({"spend_day", "spend_month"})
 _MAX_PLANS = 10_000  # cached (key, model) limit plans; the cache starts over beyond this
 
 
@@ -72,12 +82,12 @@ def format_reset(seconds: float) -> str:
     return f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
 
 
-def _usd(micro: int) -> str:
-    return "$" + format((Decimal(micro) / _MICRO).normalize(), "f")
+def _usd(pico: int) -> str:
+    return "$" + format((Decimal(pico) / PICO).normalize(), "f")
 
 
-def _micro_usd(usd: Decimal) -> int:
-    return int((usd * _MICRO).to_integral_value(rounding="ROUND_CEILING"))
+def _pico_usd(usd: Decimal) -> int:
+    return min(_MAX_SPEND_LIMIT, int((usd * PICO).to_integral_value(rounding=ROUND_CEILING)))
 
 
 class QuotaMiddleware:
@@ -93,8 +103,8 @@ class QuotaMiddleware:
         default_max_tokens: completion tokens reserved when a request sets no max.
         lease_s: how long a concurrency slot survives a replica that died mid-request.
         settle_timeout_s: bound on the (shielded) settlement call.
-        price_of: a target's price (default: ``target.price``); called once per route,
-            so it must not change its answer for a target.
+        accountant: prices and charges (default: the router's, so that the router, this
+            layer and the ledger agree).
 
     Example:
         >>> app = QuotaMiddleware(app, store=MemoryStateStore(), org_limits=KeyLimits(rpm=600))
@@ -111,7 +121,7 @@ class QuotaMiddleware:
         default_max_tokens: int = 4096,
         lease_s: float = 660.0,
         settle_timeout_s: float = 5.0,
-        price_of: Callable[[Target], Price | None] | None = None,
+        accountant: Accountant | None = None,
     ) -> None:
         self.app = app
         self.store = store
@@ -121,13 +131,11 @@ class QuotaMiddleware:
         self.default_max_tokens = default_max_tokens
         self.lease_s = lease_s
         self.settle_timeout_s = settle_timeout_s
-        self.price_of = price_of or (lambda t: t.price)
+        self.accountant = accountant or (router.accountant if router is not None else Accountant())
         # A store whose settle never awaits can be neither slow nor cancelled: no scope needed.
         self._shield_settle = not getattr(store, "settle_never_awaits", False)
         # Per (key id, model): the principal the plan was built for, and its limit plan.
         self._plans: dict[tuple[str, str], tuple[Principal, tuple[Limit, ...]]] = {}
-        # Per route name: the route the prices were read from (the router's are fixed), and them.
-        self._prices: dict[str, tuple[ModelRoute, _Pricing]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,9 +146,11 @@ class QuotaMiddleware:
         if not ctx.is_inference or ctx.model is None or (self.router is not None and route is None):
             await self.app(scope, receive, send)
             return
-        prompt_est, completion_cap = self._estimate(ctx)
-        pricing = self._pricing(route)
-        spend_est = pricing.estimate(prompt_est, completion_cap)
+        prompt_est, completion_cap = estimate_request(ctx, self.default_max_tokens)
+        spend_est, unpriced = 0, []
+        if self._has_spend(ctx.principal, ctx.model):
+            targets = self.router.reachable(ctx, scope.get("headers", ())) if self.router is not None else []
+            spend_est, unpriced = self.accountant.reservation(targets, prompt_est, completion_cap)
         limits = self.limits_for(ctx.principal, ctx.model, tokens=prompt_est + completion_cap, spend=spend_est)
         if not limits:
             await self.app(scope, receive, send)
@@ -168,9 +178,11 @@ class QuotaMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            tokens, spend = _actual(ctx, pricing, prompt_est)
-            ctx.state["quota"] = {"reserved_tokens": prompt_est + completion_cap, "reserved_spend_micro_usd": spend_est,
-                                  "tokens": tokens, "spend_micro_usd": spend}
+            charges = self.accountant.charges(ctx)
+            tokens = sum(c.usage.prompt_tokens + c.usage.completion_tokens for c in charges)
+            spend = clamp_charge(total_pico(charges))
+            ctx.state["quota"] = {"reserved_tokens": prompt_est + completion_cap, "reserved_spend_pico_usd": spend_est,
+                                  "tokens": tokens, "spend_pico_usd": spend, "unpriced_routes": unpriced}
             if self._shield_settle:
                 with anyio.move_on_after(self.settle_timeout_s, shield=True):
                     await self._settle(reservation, tokens, spend)
@@ -187,7 +199,21 @@ class QuotaMiddleware:
     # ------------------------------------------------------------------ limits
 
     def limits_for(self, principal: Principal, model: str, *, tokens: int, spend: int) -> list[Limit]:
-        """Every limit this request must fit in, with its reserved cost."""
+        """Every limit this request must fit in, with its reserved cost (spend in pico-USD)."""
+        out: list[Limit] = []
+        for lim in self._cached_plan(principal, model):
+            if lim.kind == "tokens":
+                lim = Limit("tokens", lim.scope, lim.limit, tokens, lim.label, lim.window_s)
+            elif lim.kind == "spend_day" or lim.kind == "spend_month":
+                lim = Limit(lim.kind, lim.scope, lim.limit, spend, lim.label, lim.window_s)
+            out.append(lim)
+        return out
+
+    def _has_spend(self, principal: Principal, model: str) -> bool:
+        """Does any budget apply (else the reservation need not be priced)?"""
+        return any(lim.kind in _SPEND for lim in self._cached_plan(principal, model))
+
+    def _cached_plan(self, principal: Principal, model: str) -> tuple[Limit, ...]:
         key = (principal.key_id, model)
         cached = self._plans.get(key)
         # Stored keys get a new (equal) Principal per request; the recipe's are the same object.
@@ -195,14 +221,7 @@ class QuotaMiddleware:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             cached = self._plans[key] = (principal, self._plan(principal, model))
-        out: list[Limit] = []
-        for lim in cached[1]:
-            if lim.kind == "tokens":
-                lim = Limit("tokens", lim.scope, lim.limit, tokens, lim.label, lim.window_s)
-            elif lim.kind == "spend_day" or lim.kind == "spend_month":
-                lim = Limit(lim.kind, lim.scope, lim.limit, spend, lim.label, lim.window_s)
-            out.append(lim)
-        return out
+        return cached[1]
 
     def _plan(self, principal: Principal, model: str) -> tuple[Limit, ...]:
         """The limits of ``principal`` on ``model``, in admission order; the token and
@@ -222,31 +241,6 @@ class QuotaMiddleware:
         _add(out, model_limits, f"key:{principal.key_id}|model:{model}", f"{who} on model '{model}'")
         return tuple(out)
 
-    def _pricing(self, route: ModelRoute | None) -> _Pricing:
-        if route is None:
-            return _NO_PRICES
-        cached = self._prices.get(route.name)
-        if cached is None or cached[0] is not route:
-            cached = self._prices[route.name] = (route, _Pricing.of(route, self.price_of))
-        return cached[1]
-
-    def _estimate(self, ctx: RequestContext) -> tuple[int, int]:
-        prompt = math.ceil(len(ctx.body) / 4)
-        if ctx.endpoint == "embeddings":
-            return prompt, 0
-        payload = ctx.payload
-        cap = payload.get("max_completion_tokens")
-        if not _positive_int(cap):
-            cap = payload.get("max_tokens")
-        if not _positive_int(cap):
-            cap = self.default_max_tokens
-        n = payload.get("n")
-        return prompt, int(cap) * (int(n) if _positive_int(n) else 1)
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
 
 def _add(out: list[Limit], limits: KeyLimits | None, scope: str, label: str) -> None:
     if limits is None:
@@ -258,69 +252,9 @@ def _add(out: list[Limit], limits: KeyLimits | None, scope: str, label: str) -> 
     if limits.concurrency is not None:
         out.append(Limit("concurrency", scope, limits.concurrency, 1, label))
     if limits.spend_usd_per_day is not None:
-        out.append(Limit("spend_day", scope, _micro_usd(limits.spend_usd_per_day), 0, label))
+        out.append(Limit("spend_day", scope, _pico_usd(limits.spend_usd_per_day), 0, label))
     if limits.spend_usd_per_month is not None:
-        out.append(Limit("spend_month", scope, _micro_usd(limits.spend_usd_per_month), 0, label))
-
-
-@dataclass(frozen=True, slots=True)
-class _Pricing:
-    """A route's prices as integers: micro-USD per token × ``scale``, the least common
-    denominator of the prices. Estimates and charges are then exact integer sums, rounded
-    up to micro-USD once — what the Decimal formula gives, at a fraction of its cost."""
-
-    scale: int
-    max_input: int  # the estimate prices at the highest input and output prices of the targets
-    max_output: int
-    by_route: dict[str, tuple[int, int, int] | None]  # target route → (input, cached input, output)
-
-    @classmethod
-    def of(cls, route: ModelRoute, price_of: Callable[[Target], Price | None]) -> _Pricing:
-        pairs = [(t.route, price_of(t)) for t in route.targets]
-        listed = [p for _, p in pairs if p is not None]
-        scale = math.lcm(*(d.as_integer_ratio()[1] for p in listed for d in (p.input, p.output, p.cached_input) if d is not None))
-
-        def whole(d: Decimal) -> int:
-            num, den = d.as_integer_ratio()
-            return num * (scale // den)
-
-        return cls(
-            scale=scale,
-            max_input=max((whole(p.input) for p in listed), default=0),
-            max_output=max((whole(p.output) for p in listed), default=0),
-            by_route={r: None if p is None else (whole(p.input), whole(p.input if p.cached_input is None else p.cached_input),
-                                                 whole(p.output)) for r, p in pairs},  # a later target of a route wins
-        )
-
-    def estimate(self, prompt: int, completion: int) -> int:
-        """The reserved price of ``prompt`` + ``completion`` tokens, micro-USD rounded up."""
-        return _ceil_div(prompt * self.max_input + completion * self.max_output, self.scale)
-
-
-_NO_PRICES = _Pricing(scale=1, max_input=0, max_output=0, by_route={})
-
-
-def _actual(ctx: RequestContext, pricing: _Pricing, prompt_est: int) -> tuple[int, int]:
-    """Real usage of every attempt: (tokens, micro-USD rounded up)."""
-    tokens, cost = 0, 0  # cost in micro-USD × pricing.scale
-    for attempt in ctx.attempt_log:
-        usage = attempt.usage
-        if usage is not None:
-            prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-        elif attempt.content_chunks > 0:
-            prompt, completion, cached = prompt_est, attempt.content_chunks, 0
-        else:
-            continue
-        tokens += prompt + completion
-        price = pricing.by_route.get(attempt.route)
-        if price is not None:
-            cached = min(cached, prompt)
-            cost += (prompt - cached) * price[0] + cached * price[1] + completion * price[2]
-    return tokens, _ceil_div(cost, pricing.scale)
-
-
-def _ceil_div(n: int, d: int) -> int:
-    return -(-n // d)
+        out.append(Limit("spend_month", scope, _pico_usd(limits.spend_usd_per_month), 0, label))
 
 
 _HEADERS = (
@@ -388,6 +322,7 @@ def build_quota_layer(parts: BuildParts) -> LayerFactory | None:
     ``parts.extras["state"]`` (routing reuses it).
     """
     from asgi_llm.stores.state import state_store_from_url
+    from asgi_llm.usage.accounting import shared_accountant
 
     config = parts.config
     org = config.limits.org
@@ -408,4 +343,5 @@ def build_quota_layer(parts: BuildParts) -> LayerFactory | None:
         failure=config.stores.state_failure,
         default_max_tokens=config.limits.default_max_tokens,
         lease_s=config.server.request_timeout_s + 60,
+        accountant=shared_accountant(parts),
     )

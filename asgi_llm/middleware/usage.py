@@ -7,12 +7,12 @@ cancellation), it turns every entry of ``ctx.attempt_log`` into a
 held up by metering. A cache hit (no attempt, ``ctx.cache_status == "HIT"``) is one row
 with cost 0 and ``saved_usd`` = what the cached answer would have cost.
 
-Tokens: the upstream's reported usage when there is one. Otherwise (a stream cut or
-abandoned before its usage chunk) completion tokens are the content chunks relayed to
-the client and prompt tokens a heuristic (:mod:`asgi_llm.usage.estimate`), and the row
-is flagged ``estimated``. An attempt that failed before the upstream answered anything
-records zero tokens. Cost: :class:`~asgi_llm.usage.pricing.Pricer`; ``ctx.cost`` is set
-to the request's total.
+Tokens and cost: :meth:`~asgi_llm.usage.accounting.Accountant.charges` — the upstream's
+reported usage (plausibility-checked when it was recorded) or, for a stream cut or
+abandoned before its usage chunk, the content relayed and a prompt heuristic, flagged
+``estimated``; priced from the recipe, ``usage.prices``, genai-prices. The quota layer
+settles the very same charges, so budgets and the ledger agree to the pico-dollar.
+``ctx.cost`` is set to the request's total.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from asgi_llm.context import Attempt, RequestContext, Usage
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.observability.logs import LogBinding
-from asgi_llm.usage.estimate import ESTIMATORS, PromptEstimator, count_content_pieces, estimate_prompt_chars
-from asgi_llm.usage.pricing import Pricer
+from asgi_llm.usage.accounting import Accountant, Charge, PromptEstimator, Pricer, Seen, count_content_pieces, estimate_prompt_chars
 from asgi_llm.usage.records import LedgerRow
 
 if TYPE_CHECKING:
@@ -75,9 +74,9 @@ class UsageMiddleware:
 
     Args:
         sink: takes one row, synchronously, never blocking (``BatchWriter.put``).
-        pricer: prices rows (default: recipe prices, then genai-prices).
-        router: finds a route's target (and its price) when the plan does not have it.
-        prompt_estimator: prompt tokens when the upstream reported none.
+        accountant: prices and charges attempts (shared with the quota layer and the router).
+        pricer, router, prompt_estimator: build the accountant when none is given: price
+            sources, where to find a route's target, prompt tokens when none were reported.
         prompt_content_orgs: orgs that opted in to storing prompt text (else only a hash).
     """
 
@@ -86,6 +85,7 @@ class UsageMiddleware:
         app: ASGIApp,
         *,
         sink: Callable[[LedgerRow], None],
+        accountant: Accountant | None = None,
         pricer: Pricer | None = None,
         router: Router | None = None,
         metrics: GatewayMetrics | None = None,
@@ -95,11 +95,9 @@ class UsageMiddleware:
     ) -> None:
         self.app = app
         self.sink = sink
-        self.pricer = pricer or Pricer()
-        self.router = router
+        self.accountant = accountant or Accountant(pricer, router=router, prompt_estimator=prompt_estimator)
         self.metrics = metrics
         self.tracer = tracer
-        self.prompt_estimator = prompt_estimator
         self.prompt_content_orgs = frozenset(prompt_content_orgs)
         self._binding = LogBinding("org", "key_id")
 
@@ -112,13 +110,14 @@ class UsageMiddleware:
             await self.app(scope, receive, send)
             return
         tokens = self._binding.bind(ctx.principal.org, ctx.principal.key_id)
-        seen = _Seen()
+        seen = Seen()
 
         async def observe(message: Message) -> None:
             if message["type"] == "http.response.body":
                 body = message.get("body", b"")
                 if ctx.stream:
                     seen.pieces += count_content_pieces(body)
+                    seen.stream_bytes += len(body)
                 elif body:
                     seen.body = body if not seen.body else seen.body + body
             await send(message)
@@ -133,9 +132,9 @@ class UsageMiddleware:
             self._binding.unbind(tokens)
 
     # ------------------------------------------------------------------ rows
-    def record(self, ctx: RequestContext, seen: _Seen | None = None) -> list[LedgerRow]:
+    def record(self, ctx: RequestContext, seen: Seen | None = None) -> list[LedgerRow]:
         """Build, count and hand over the request's rows; sets ``ctx.cost``."""
-        seen = seen or _Seen()
+        seen = seen or Seen()
         p = ctx.principal
         raw = _prompt_json(ctx.payload)
         phash = None if raw is None else _hash_prompt_json(p.org, raw)
@@ -147,13 +146,12 @@ class UsageMiddleware:
         starts: list[float] = []
         if not ctx.attempt_log:
             if ctx.cache_status == "HIT":
-                rows.append(self._cache_row(ctx, base))
+                rows.append(self._cache_row(ctx, base, seen))
                 starts.append(ctx.started_at)
         else:
-            last = ctx.attempt_log[-1]
-            for a in ctx.attempt_log:
-                rows.append(self._attempt_row(ctx, a, a is last, seen, base))
-                starts.append(a.started_at)
+            for charge in self.accountant.charges(ctx, seen):
+                rows.append(self._attempt_row(charge, base))
+                starts.append(charge.attempt.started_at)
         total = Decimal(0)
         for row, started in zip(rows, starts, strict=True):
             total += row.cost_usd
@@ -166,43 +164,19 @@ class UsageMiddleware:
             ctx.cost = total
         return rows
 
-    def _target(self, ctx: RequestContext, route: str) -> Target | None:
-        for t in (ctx.target, *ctx.plan):
-            if t is not None and t.route == route:
-                return t
-        if self.router is not None and ctx.model:
-            model = self.router.get(ctx.model)
-            if model is not None:
-                for t in model.targets:
-                    if t.route == route:
-                        return t
-        return None
-
-    def _attempt_row(self, ctx: RequestContext, a: Attempt, is_last: bool, seen: _Seen, base: dict[str, Any]) -> LedgerRow:
-        usage = a.usage
-        if usage is None:
-            answered = a.response_model is not None or a.content_chunks > 0 or (is_last and seen.pieces > 0)
-            if answered:
-                completion = seen.pieces if (is_last and ctx.stream) else self._estimate_body(seen) if is_last else 0
-                prompt = self.prompt_estimator(ctx)
-                usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                              estimated=True)
-            else:
-                usage = Usage()
-        target = self._target(ctx, a.route)
-        quote = self.pricer.quote(target_price=target.price if target is not None else None, route=a.route,
-                                  model=a.model, usage=usage, response_model=a.response_model, provider=a.provider)
+    def _attempt_row(self, charge: Charge, base: dict[str, Any]) -> LedgerRow:
+        a, usage, target = charge.attempt, charge.usage, charge.target
         return LedgerRow(
             **base, route=a.route, provider=a.provider, upstream_model=a.model, attempt=a.number,
             node=_node(target, a.provider), response_model=a.response_model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens, estimated=usage.estimated,
-            cost_usd=quote.cost, price_source=quote.source, latency_ms=a.latency_s * 1000,
+            cost_usd=charge.cost, price_source=charge.source, latency_ms=a.latency_s * 1000,
             ttft_ms=None if a.ttft_s is None else a.ttft_s * 1000, status=a.status, outcome=a.outcome,
             error_code=a.error_code,
         )
 
-    def _cache_row(self, ctx: RequestContext, base: dict[str, Any]) -> LedgerRow:
+    def _cache_row(self, ctx: RequestContext, base: dict[str, Any], seen: Seen) -> LedgerRow:
         hit = ctx.state.get("cache_hit") or {}
         usage = hit.get("usage")
         if isinstance(usage, dict):
@@ -210,46 +184,17 @@ class UsageMiddleware:
         if not isinstance(usage, Usage):
             usage = ctx.usage
         route = str(hit.get("route") or "")
-        target = self._target(ctx, route)
+        usage = self.accountant.replayed_usage(ctx, usage, route, seen)
+        target = self.accountant.find_target(ctx, route)
         provider, _, upstream_model = route.partition("/")
-        quote = self.pricer.quote(target_price=target.price if target is not None else None, route=route,
-                                  model=target.model if target else upstream_model, usage=usage,
-                                  provider=target.provider if target else provider)
+        quote = self.accountant.quote(target, usage, route=route, model=target.model if target else upstream_model,
+                                      provider=target.provider if target else provider)
         return LedgerRow(
             **base, route=route, provider=target.provider if target else provider,
             upstream_model=target.model if target else upstream_model, attempt=0, node=_node(target, provider),
             cost_usd=Decimal(0), saved_usd=quote.cost, price_source=quote.source,
             latency_ms=(time.perf_counter() - ctx.started_at) * 1000, status=200, outcome="cache_hit",
         )
-
-    def _estimate_body(self, seen: _Seen) -> int:
-        """Completion tokens of a non-streamed answer that came without usage."""
-        if not seen.body:
-            return 0
-        try:
-            obj = json.loads(seen.body)
-            texts = []
-            for c in obj.get("choices") or []:
-                msg = c.get("message") or {}
-                texts.append(c.get("text") or msg.get("content") or "")
-                for tc in msg.get("tool_calls") or []:
-                    texts.append((tc.get("function") or {}).get("arguments") or "")
-            text = " ".join(t for t in texts if isinstance(t, str))
-        except (ValueError, AttributeError, TypeError):
-            return 0
-        if self.prompt_estimator is ESTIMATORS["words"]:
-            return len(text.split())
-        return -(-len(text.encode()) // 4)
-
-
-class _Seen:
-    """What reached the client: content pieces of a stream, or a non-stream body."""
-
-    __slots__ = ("body", "pieces")
-
-    def __init__(self) -> None:
-        self.pieces = 0
-        self.body = b""
 
 
 def _node(target: Target | None, provider: str) -> str | None:
@@ -302,7 +247,7 @@ def build_usage_layer(parts: BuildParts) -> LayerFactory | None:
         return None
     from asgi_llm.admin.usage import usage_routes
     from asgi_llm.observability.middleware import shared_observability
-    from asgi_llm.routing.router import Price
+    from asgi_llm.usage.accounting import shared_accountant
     from asgi_llm.usage.store import SQLLedgerStore
 
     db = shared_sql(parts)
@@ -313,9 +258,9 @@ def build_usage_layer(parts: BuildParts) -> LayerFactory | None:
     metrics, tracer = shared_observability(parts)
     if metrics is not None:
         metrics.watch_writer(writer)
-    pricer = Pricer({k: Price(v.input, v.output, v.cached_input) for k, v in cfg.prices.items()})
+    accountant = shared_accountant(parts)
     parts.admin_routes.extend(usage_routes(store, writer))
     return lambda app: UsageMiddleware(
-        app, sink=writer.put, pricer=pricer, router=parts.router, metrics=metrics, tracer=tracer,
-        prompt_estimator=ESTIMATORS[cfg.prompt_estimate], prompt_content_orgs=cfg.prompt_content_orgs,
+        app, sink=writer.put, accountant=accountant, metrics=metrics, tracer=tracer,
+        prompt_content_orgs=cfg.prompt_content_orgs,
     )

@@ -18,8 +18,9 @@ from starlette.routing import Route
 
 from asgi_llm.context import RequestContext, new_request_id
 from asgi_llm.errors import GatewayError, InvalidRequestError
-from asgi_llm.routing.router import Router, estimate_tokens, estimated_cost
+from asgi_llm.routing.router import Router
 from asgi_llm.schemas import validate_payload
+from asgi_llm.usage.accounting import estimate_request
 
 __all__ = ["explain_route"]
 
@@ -52,12 +53,13 @@ def explain_route(router: Router) -> Route:
             plan = router.make_plan(ctx, headers)
         except GatewayError as exc:
             return JSONResponse({"plan": [], "error": exc.to_dict()["error"]}, status_code=200)
-        prompt, completion = estimate_tokens(ctx)
+        acct = router.accountant
+        prompt, completion = estimate_request(ctx, acct.default_max_tokens)
         details = []
         for t in plan.targets:
-            cost = estimated_cost(t, prompt, completion)
+            cost = acct.estimate_cost(t, prompt, completion)
             info = {"route": t.route, "provider": t.provider, "model": t.model,
-                    "price_per_1m": {"input": str(t.price.input), "output": str(t.price.output)} if t.price else None,
+                    "price_per_1m": {"input": str(unit[0]), "output": str(unit[1])} if (unit := acct.unit_price(t)) else None,
                     "estimated_cost_usd": str(cost) if cost is not None else None,
                     "context_window": t.context_window}
             if router.health is not None:

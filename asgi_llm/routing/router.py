@@ -14,7 +14,8 @@ with price, weight, context window). :meth:`Router.make_plan` turns one request 
    max_price}``): the caller narrows or reorders further; it can never widen what a
    rule allowed.
 4. **Strategy** orders the primary model's targets: ``priority`` (recipe order),
-   ``weighted`` (random, by weight), ``cheapest`` (estimated cost of this request),
+   ``weighted`` (random, by weight), ``cheapest`` (estimated cost of this request, priced
+   by :mod:`asgi_llm.usage.accounting` like budgets and the ledger),
    ``fastest`` (latency EWMA; unmeasured first so they get measured), ``least-busy``
    (fewest in flight). Fallback models' targets follow in their own order.
 5. **Health**: targets whose every key is open or cooling are skipped; a request with
@@ -30,6 +31,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from asgi_llm.errors import InvalidRequestError, ModelNotFoundError, RateLimitError, ServiceUnavailableError
+from asgi_llm.usage.accounting import Accountant, estimate_request
 
 if TYPE_CHECKING:
     from asgi_llm.config import RoutingRule
@@ -80,6 +82,7 @@ class NodeTargets:
 
 
 NodeResolver = Callable[["NodeTargets", "RequestContext"], list[Target]]
+_NODES_MEMO = "router.nodes"  # ctx.state: node selector id → the nodes it resolved to for this request
 """Expands a :class:`NodeTargets` into the live node targets the caller may use."""
 
 
@@ -135,23 +138,11 @@ def _weighted(router: Router, ctx: RequestContext, targets: list[Target]) -> lis
     return out
 
 
-def estimate_tokens(ctx: RequestContext) -> tuple[int, int]:
-    """(prompt, completion) token estimates: body bytes / 4, and max_tokens or 256."""
-    payload = ctx.payload
-    completion = payload.get("max_completion_tokens") or payload.get("max_tokens") or 256
-    return max(1, len(ctx.body) // 4), int(completion) if isinstance(completion, int) else 256
-
-
-def estimated_cost(target: Target, prompt: int, completion: int) -> Decimal | None:
-    if target.price is None:
-        return None
-    return (target.price.input * prompt + target.price.output * completion) / Decimal(1_000_000)
-
-
 def _cheapest(router: Router, ctx: RequestContext, targets: list[Target]) -> list[Target]:
-    prompt, completion = estimate_tokens(ctx)
+    acct = router.accountant
+    prompt, completion = estimate_request(ctx, acct.default_max_tokens)
     inf = Decimal("Infinity")
-    return sorted(targets, key=lambda t: c if (c := estimated_cost(t, prompt, completion)) is not None else inf)
+    return sorted(targets, key=lambda t: c if (c := acct.estimate_cost(t, prompt, completion)) is not None else inf)
 
 
 def _fastest(router: Router, ctx: RequestContext, targets: list[Target]) -> list[Target]:
@@ -214,6 +205,7 @@ class Router:
         rng: random.Random | None = None,
         node_resolver: NodeResolver | None = None,
         extra_load: Callable[[Target], float] | None = None,
+        accountant: Accountant | None = None,
     ) -> None:
         for m in models:
             if m.strategy not in STRATEGIES:
@@ -228,14 +220,23 @@ class Router:
         self.rng = rng or random.Random()
         self.node_resolver = node_resolver
         self.extra_load = extra_load
+        self.accountant = accountant or Accountant(router=self)
 
     def expand(self, ctx: RequestContext, targets: Sequence[Target | NodeTargets]) -> list[Target]:
-        """Replace node selectors by the live nodes that match them (none without a resolver)."""
+        """Replace node selectors by the live nodes that match them (none without a resolver).
+
+        Resolved once per request: the quota layer prices the nodes at admission
+        (:meth:`reachable`) and the plan then uses those very nodes, at those prices.
+        """
         out: list[Target] = []
         for t in targets:
             if isinstance(t, NodeTargets):
                 if self.node_resolver is not None:
-                    out.extend(self.node_resolver(t, ctx))
+                    memo = ctx.state.setdefault(_NODES_MEMO, {})
+                    found = memo.get(id(t))
+                    if found is None:
+                        found = memo[id(t)] = self.node_resolver(t, ctx)
+                    out.extend(found)
             else:
                 out.append(t)
         return out
@@ -261,6 +262,33 @@ class Router:
             )
         return route
 
+    def _request(self, ctx: RequestContext, headers: Sequence[tuple[bytes, bytes]]
+                 ) -> tuple[ModelRoute, list[ModelRoute], RoutingRule | None, dict[str, Any]]:
+        """The request's model, its fallback models (``fallbacks``, ``models[]``), the
+        matching rule and the validated ``provider`` overrides."""
+        primary = self._resolve(ctx.model, ctx, "model")
+        payload = ctx.payload
+        fallback_routes = [
+            self._resolve(name, ctx, f"{field_name}[{i}]")
+            for field_name, names in _fallback_lists(payload)
+            for i, name in enumerate(names)
+        ]
+        return primary, fallback_routes, self._match_rule(ctx, headers), _provider_overrides(payload)
+
+    def reachable(self, ctx: RequestContext, headers: Sequence[tuple[bytes, bytes]] = ()) -> list[Target]:
+        """Every target this request's plan may try: the model's targets and those of its
+        fallback models (``fallbacks``, ``models[]``), node selectors resolved (once per
+        request, as the plan will see them), after the rule and ``provider`` filters —
+        they only ever remove — and before health and ordering, which change with time.
+        What the quota layer prices a reservation over. Raises what :meth:`make_plan` does
+        for an unknown model or malformed overrides.
+        """
+        primary, fallback_routes, rule, provider = self._request(ctx, headers)
+        targets = self.expand(ctx, primary.targets)
+        for fb in fallback_routes:
+            targets.extend(self.expand(ctx, fb.targets))
+        return self._filter(Plan(model=primary.name, targets=[], strategy=primary.strategy), targets, rule, provider, ctx)
+
     def make_plan(self, ctx: RequestContext, headers: Sequence[tuple[bytes, bytes]] = ()) -> Plan:
         """Build the plan for this request.
 
@@ -269,15 +297,7 @@ class Router:
         :class:`ServiceUnavailableError` (with ``Retry-After``) when every candidate is
         unhealthy.
         """
-        primary = self._resolve(ctx.model, ctx, "model")
-        payload = ctx.payload
-        fallback_routes = [
-            self._resolve(name, ctx, f"{field_name}[{i}]")
-            for field_name, names in _fallback_lists(payload)
-            for i, name in enumerate(names)
-        ]
-        rule = self._match_rule(ctx, headers)
-        provider = _provider_overrides(payload)
+        primary, fallback_routes, rule, provider = self._request(ctx, headers)
         strategy = primary.strategy
         if rule is not None and rule.strategy:
             strategy = rule.strategy
@@ -358,9 +378,9 @@ class Router:
                 plan.skip(t, "provider.only")
             elif provider.get("ignore") is not None and _selects(t, provider["ignore"]):
                 plan.skip(t, "provider.ignore")
-            elif max_price and t.price is not None and (
-                t.price.input > max_price.get("prompt", Decimal("Infinity"))
-                or t.price.output > max_price.get("completion", Decimal("Infinity"))
+            elif max_price and (unit := self.accountant.unit_price(t)) is not None and (
+                unit[0] > max_price.get("prompt", Decimal("Infinity"))
+                or unit[1] > max_price.get("completion", Decimal("Infinity"))
             ):
                 plan.skip(t, "provider.max_price: too expensive")
             elif prefill and not t.prefill:

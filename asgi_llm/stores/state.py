@@ -12,7 +12,7 @@ What is counted
 ---------------
 A :class:`Limit` is one counter a request must fit in: ``requests`` or ``tokens`` per
 window (60 s for rpm/tpm), ``concurrency`` (requests in flight), ``spend_day`` or
-``spend_month`` (integer micro-USD per UTC day / calendar month). :meth:`StateStore.reserve`
+``spend_month`` (integer pico-USD per UTC day / calendar month). :meth:`StateStore.reserve`
 checks *all* of a request's limits and charges all of them, or none (atomic,
 all-or-nothing); :meth:`StateStore.settle` later charges the real usage against the same
 buckets and refunds the rest, and releases the concurrency slot.
@@ -73,7 +73,7 @@ class Limit:
 
     ``scope`` identifies the counter (``"key:k_1"``, ``"org:team-a"``,
     ``"key:k_1|model:chat"``); ``limit`` and ``cost`` are requests, tokens, in-flight
-    requests or micro-USD according to ``kind``; ``label`` names the scope in messages;
+    requests or pico-USD according to ``kind``; ``label`` names the scope in messages;
     ``window_s`` is the sliding window of ``requests``/``tokens``, and ``window_ms`` the
     same in whole milliseconds (computed once: admission reads it several times).
     """
@@ -146,7 +146,7 @@ class StateStore(Protocol):
         ...
 
     async def settle(self, reservation: Reservation, *, tokens: int, spend: int) -> None:
-        """Replace the reserved ``tokens`` and ``spend`` (micro-USD) by the real amounts
+        """Replace the reserved ``tokens`` and ``spend`` (pico-USD) by the real amounts
         (refunding or charging the difference in the buckets charged at admission) and
         release concurrency slots. Requests are not refunded. Raises ``StoreError``."""
         ...

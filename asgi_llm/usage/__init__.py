@@ -1,8 +1,9 @@
 """Usage metering: the ledger (one row per attempt), its batch writer, pricing and reports.
 
 * :mod:`~asgi_llm.usage.records` — :class:`LedgerRow`, what one attempt costs.
-* :mod:`~asgi_llm.usage.pricing` — recipe prices, overrides, then ``genai-prices`` (offline).
-* :mod:`~asgi_llm.usage.estimate` — token estimates when an upstream reports no usage.
+* :mod:`~asgi_llm.usage.accounting` — token estimates, prices (recipe, overrides, then
+  ``genai-prices``, offline) and per-attempt charges: the one place money is computed,
+  shared by the router, the quota layer and the ledger.
 * :mod:`~asgi_llm.usage.writer` — :class:`BatchWriter`: bounded queue, batched inserts,
   retries, spill-to-disk, flush at shutdown.
 * :mod:`~asgi_llm.usage.store` — :class:`SQLLedgerStore` (SQLite / PostgreSQL) and reports.
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BatchWriter", "LedgerRow", "LedgerStore", "PriceQuote", "Pricer", "SQLLedgerStore"]
+__all__ = ["Accountant", "BatchWriter", "LedgerRow", "LedgerStore", "PriceQuote", "Pricer", "SQLLedgerStore"]
 
-_LAZY = {"BatchWriter": "writer", "LedgerRow": "records", "LedgerStore": "store", "PriceQuote": "pricing",
-         "Pricer": "pricing", "SQLLedgerStore": "store"}
+_LAZY = {"Accountant": "accounting", "BatchWriter": "writer", "LedgerRow": "records", "LedgerStore": "store", "PriceQuote": "accounting",
+         "Pricer": "accounting", "SQLLedgerStore": "store"}
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -17,11 +17,11 @@ from starlette.types import Receive, Scope, Send
 
 from asgi_llm.auth import KeyRing, MemoryKeyStore
 from asgi_llm.config import AuthConfig, KeyLimits, StaticKey
-from asgi_llm.context import Attempt, Principal, RequestContext, Usage
+from asgi_llm.context import Attempt, Principal, Usage
 from asgi_llm.middleware.auth import AuthMiddleware
 from asgi_llm.middleware.context import ContextMiddleware, ensure_context
 from asgi_llm.middleware.errors import ErrorMiddleware
-from asgi_llm.middleware.quota import _MAX_PLANS, QuotaMiddleware, _actual, _Pricing, format_reset, rate_limit_headers
+from asgi_llm.middleware.quota import _MAX_PLANS, QuotaMiddleware, format_reset, rate_limit_headers
 from asgi_llm.providers.base import Timeouts
 from asgi_llm.providers.openai import OpenAIAdapter
 from asgi_llm.routing.router import ModelRoute, Price, Router, Target
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.anyio
 
 MESSAGES = [{"role": "user", "content": "tell me"}]
 PRICE = Price(Decimal("1000"), Decimal("2000"))  # USD per 1M tokens: 1000 / 2000 micro-USD per token
+MICRO = 10**6  # pico-USD per micro-USD: spend counters are in pico-USD
 
 
 def bearer(key: str) -> list[tuple[bytes, bytes]]:
@@ -147,7 +148,7 @@ class TestSettlement:
         assert int(rec.headers["x-ratelimit-remaining-tokens"]) < 100_000 - 50  # the reservation, before settling
         assert await used(store, "tokens", "key:static:k") == usage["total_tokens"]
         cost = usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000
-        assert await used(store, "spend_day", "key:static:k") == cost
+        assert await used(store, "spend_day", "key:static:k") == cost * MICRO
 
     async def test_stream_settles_to_the_usage_block(self, gw_factory: Callable[..., Any], store: MemoryStateStore) -> None:
         """A streamed call settles to the usage chunk's totals."""
@@ -209,7 +210,7 @@ class TestSettlement:
         app = ErrorMiddleware(ContextMiddleware(as_principal))
         assert (await call(app, body={"model": "chat", "messages": MESSAGES, "max_tokens": 10})).status == 200
         assert await used(store, "tokens", "key:k1") == 12
-        assert await used(store, "spend_day", "org:o") == 12  # priced at p2's 1 USD / 1M = 1 micro-USD per token
+        assert await used(store, "spend_day", "org:o") == 12 * MICRO  # priced at p2's 1 USD / 1M = 1 micro-USD per token
 
 
 class TestSpend:
@@ -270,7 +271,7 @@ class TestPlans:
         first = q.limits_for(Principal(key_id="k1", org="o", limits=limits), "chat", tokens=10, spend=20)
         second = q.limits_for(Principal(key_id="k1", org="o", limits=limits), "chat", tokens=11, spend=21)
         assert [lim.cost for lim in first] == [1, 10, 1, 20, 20] and [lim.cost for lim in second] == [1, 11, 1, 21, 21]
-        assert [lim.limit for lim in second] == [5, 100, 2, 500_000, 3_000_000]
+        assert [lim.limit for lim in second] == [5, 100, 2, 500_000 * MICRO, 3_000_000 * MICRO]
         assert first[0] is second[0]
 
     def test_cache_is_bounded(self) -> None:
@@ -279,63 +280,6 @@ class TestPlans:
         for i in range(_MAX_PLANS + 5):
             q.limits_for(Principal(key_id=f"k{i}", org="o", limits=KeyLimits(rpm=1)), "chat", tokens=1, spend=0)
         assert len(q._plans) <= _MAX_PLANS
-
-
-_prices = st.builds(lambda n, places: Decimal(n).scaleb(-places), st.integers(0, 10**8), st.integers(0, 9))
-_tokens = st.integers(0, 10**7)
-
-
-def _ceil(usd: Decimal) -> int:
-    return int((usd * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
-
-
-class TestPricing:
-    """Integer pricing gives exactly the micro-USD of the Decimal formula it replaced."""
-
-    @given(st.lists(st.tuples(_prices, _prices, st.none() | _prices), max_size=3), _tokens, _tokens)
-    def test_estimate(self, prices: list[tuple[Decimal, Decimal, Decimal | None]], prompt: int, completion: int) -> None:
-        """The reservation prices the prompt and completion at the route's highest prices."""
-        route = ModelRoute("m", tuple(Target(f"p{i}", "m", price=Price(*p)) for i, p in enumerate(prices)))
-        expected = _ceil(prompt * max(p[0] for p in prices) / 1_000_000 + completion * max(p[1] for p in prices) / 1_000_000) \
-            if prices else 0
-        assert _Pricing.of(route, lambda t: t.price).estimate(prompt, completion) == expected
-
-    @given(st.lists(st.none() | st.tuples(_prices, _prices, st.none() | _prices), min_size=1, max_size=3),
-           st.lists(st.tuples(st.integers(0, 3), st.none() | st.tuples(_tokens, _tokens, _tokens), st.integers(0, 50)), max_size=4),
-           _tokens)
-    def test_actual(self, prices: list[tuple[Decimal, Decimal, Decimal | None] | None],
-                    attempts: list[tuple[int, tuple[int, int, int] | None, int]], prompt_est: int) -> None:
-        """Settlement sums every attempt at its target's price (cached input at its own), rounded up once."""
-        targets = tuple(Target(f"p{i}", "m", price=None if p is None else Price(*p)) for i, p in enumerate(prices))
-        ctx = RequestContext(request_id="r")
-        for n, (i, usage, chunks) in enumerate(attempts):
-            ctx.attempt_log.append(Attempt(number=n, route=f"p{i}/m", provider=f"p{i}", model="m", started_at=0, content_chunks=chunks,
-                                           usage=None if usage is None else Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
-                                                                                  cached_tokens=usage[2])))
-        # The Decimal formula this layer used before.
-        by_route = {t.route: t.price for t in targets}
-        tokens, cost = 0, Decimal(0)
-        for a in ctx.attempt_log:
-            if a.usage is not None:
-                p, c, cached = a.usage.prompt_tokens, a.usage.completion_tokens, a.usage.cached_tokens
-            elif a.content_chunks > 0:
-                p, c, cached = prompt_est, a.content_chunks, 0
-            else:
-                continue
-            tokens += p + c
-            price = by_route.get(a.route)
-            if price is not None:
-                cached = min(cached, p)
-                cached_price = price.cached_input if price.cached_input is not None else price.input
-                cost += ((p - cached) * price.input + cached * cached_price + c * price.output) / 1_000_000
-        assert _actual(ctx, _Pricing.of(ModelRoute("m", targets), lambda t: t.price), prompt_est) == (tokens, _ceil(cost))
-
-    def test_a_changed_route_is_priced_again(self) -> None:
-        """Prices are read once per route object: another route of the same name gets its own."""
-        q = QuotaMiddleware(lambda *a: None, store=MemoryStateStore())
-        cheap = ModelRoute("m", (Target("p", "m", price=Price(Decimal(1), Decimal(1))),))
-        dear = ModelRoute("m", (Target("p", "m", price=Price(Decimal(3), Decimal(3))),))
-        assert [q._pricing(r).estimate(10, 0) for r in (cheap, dear, cheap)] == [10, 30, 10]
 
 
 _statuses = st.lists(st.builds(

@@ -196,3 +196,22 @@ class TestHealth:
         assert not health.key_usable("a/m-a", "k0")
         health.cool_down("a/m-a", "k1", 60)
         assert not health.route_usable("a/m-a", ["k0", "k1"])
+
+
+class TestAccountantPrices:
+    """cheapest and provider.max_price price targets as the quota layer and the ledger do:
+    recipe price, then usage.prices overrides, then genai-prices."""
+
+    def test_cheapest_sees_overrides(self) -> None:
+        """A target priced only by a usage.prices override is ordered by that price."""
+        from asgi_llm.usage.accounting import Accountant, Pricer
+
+        r = router("cheapest", accountant=Accountant(Pricer({"c/m-c": Price(Decimal("0.01"), Decimal("0.01"))})))
+        assert routes(r.plan(ctx_for())) == ["c/m-c", "b/m-b", "a/m-a"]
+
+    def test_max_price_sees_genai_prices(self) -> None:
+        """A target with no recipe price is still subject to max_price, at its genai-prices price."""
+        g = Target("openai", "gpt-4o-mini")  # genai-prices: $0.15 / $0.60 per 1M
+        r = router(targets=(g, B))
+        assert routes(r.plan(ctx_for(provider={"max_price": {"prompt": 0.12}}))) == ["b/m-b"]
+        assert routes(r.plan(ctx_for(provider={"max_price": {"prompt": 0.2, "completion": 0.7}}))) == ["openai/gpt-4o-mini", "b/m-b"]

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from asgi_llm.context import Usage
 from asgi_llm.routing.router import Price
-from asgi_llm.usage.pricing import Pricer, cost_of
+from asgi_llm.usage.accounting import Pricer, cost_of
 
 P = Price(Decimal("0.15"), Decimal("0.60"))
 
