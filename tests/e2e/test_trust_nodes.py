@@ -266,13 +266,25 @@ class TestNodeURLs:
             stored = node_by_name(gw.url, "a-hb", "org-a")["url"]
             assert str(rec.port) not in stored
             # Re-registration is checked like enrollment.
-            for url in (evil, f"http://user:pw@127.0.0.1:{rec.port}/v1", f"http://127.0.0.1:{rec.port}/v1/../internal",
+            for url in (evil, f"http://user:hunter2@127.0.0.1:{rec.port}/v1", f"http://127.0.0.1:{rec.port}/v1/../internal",
                         f"http://127.0.0.1:{gw.port}/v1"):
                 resp = node_call(gw.url, "/nodes/register", credential, {"mode": "direct", "url": url})
                 err = assert_error(resp, 400, param="url")
-                assert "pw" not in err["message"]
+                assert "hunter2" not in err["message"]
             assert chat_route(gw.url, "org-a") == "node:a-hb@org-a/tiny-chat"
-            admin(gw.url, "POST", f"/admin/nodes/{node_by_name(gw.url, 'a-hb', 'org-a')['id']}/revoke")
+            node_id = node_by_name(gw.url, "a-hb", "org-a")["id"]
+
+            def audited() -> list[dict[str, Any]]:
+                rows = admin(gw.url, "GET", "/admin/audit?action=POST /nodes/register&limit=1000").json()["data"]
+                return [r for r in rows if r.get("target") == node_id]
+
+            # Every re-registration is in the audit log (the agent's own at start-up is not: it
+            # enrolled fresh), with the requested URL redacted.
+            wait_for(lambda: len(audited()) >= 4, 10, "re-registrations in the audit log")
+            events = audited()
+            assert all(e["status"] == 400 for e in events)
+            assert "hunter2" not in json.dumps(events) and any("requested_url" in (e.get("detail") or {}) for e in events)
+            admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke")
             assert rec.hits == []
 
     def test_enrollment_refuses_bad_urls(self, gw: GatewayHandle, strict_gw: GatewayHandle) -> None:
