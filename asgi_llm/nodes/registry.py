@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asgi_llm.nodes.adapter import NodeAdapter
 from asgi_llm.nodes.consent import AcceptRule, accepts
 from asgi_llm.nodes.netpolicy import GuardedTransport, NetworkPolicy
 from asgi_llm.nodes.records import CALL_SECRET_HEADER, NodeRecord, call_secret
@@ -396,7 +397,7 @@ class NodeRegistry:
                                                   self.policy, name=record.name)
             live.transport_key = transport_key
         secret = call_secret(self.pepper(), record.id, record.credential_hash)
-        live.adapter = OpenAIAdapter(node_provider(record.name, record.org), base_url=base_url, timeouts=self.timeouts,
+        live.adapter = NodeAdapter(node_provider(record.name, record.org), base_url=base_url, timeouts=self.timeouts,
                                      headers={CALL_SECRET_HEADER: secret}, transport=live.transport)
         live.adapter_key = key
         self._changed()

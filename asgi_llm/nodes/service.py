@@ -248,7 +248,9 @@ class NodeService:
         if record is None:
             if org == "*":  # a name works as well as an id, when it names one node
                 named = [r for r in self.registry.records.values() if r.name == node_id and r.revoked_at is None]
-                found = named[0] if len(named) == 1 else None
+                if len(named) > 1:
+                    raise NotFoundError(f"Several orgs have a node named {node_id!r}: use its id (see /admin/nodes).")
+                found = named[0] if named else None
             else:
                 found = self.registry.by_name(node_id, org)
             record = await self.store.get(found.id) if found is not None else None

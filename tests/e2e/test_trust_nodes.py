@@ -63,6 +63,48 @@ class Recorder:
         self.server.server_close()
 
 
+class AbsurdEngine:
+    """An OpenAI-compatible engine (behind a real agent) that reports 2**70 prompt tokens."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def _json(self, status: int, obj: Any) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/v1/models"):
+                    self._json(200, {"object": "list", "data": [{"id": "tiny-chat", "object": "model"}]})
+                else:
+                    self._json(404, {"error": {"message": "no"}})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self._json(200, {"id": "x", "object": "chat.completion", "model": "tiny-chat",
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                              "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 2**70, "completion_tokens": -5, "total_tokens": 2**71}})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> AbsurdEngine:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _recipe(tmp: Path, fallback: FakeUpstreamHandle, nodes_extra: str) -> Path:
     keys = "\n".join(f'    - {{key: "{KEYS[o]}", org: {o}}}\n    - {{key: "{ORG_ADMIN[o]}", org: {o}, scopes: [admin]}}'
                      for o in KEYS)
@@ -437,3 +479,23 @@ class TestNumbers:
             assert listed.json()["load"] == {"queue_depth": 1e6, "running": 0.0}
         finally:
             admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke")
+
+    def test_absurd_usage_is_clamped_for_accounting(self, gw: GatewayHandle, tmp_path: Path) -> None:
+        """A node reporting prompt_tokens = 2**70 is accounted at most 10M tokens; the ledger row lands."""
+        with AbsurdEngine() as engine, agent(gw.url, engine.url, tmp_path / "absurd", token=token(gw.url, "org-a"),
+                                             name="absurd"):
+            node_id = node_by_name(gw.url, "absurd", "org-a")["id"]
+            try:
+                assert chat_route(gw.url, "org-a") == "node:absurd@org-a/tiny-chat"
+                admin(gw.url, "POST", "/admin/usage/flush")
+
+                def row() -> dict[str, Any] | None:
+                    rows = admin(gw.url, "GET", "/admin/nodes/report").json()["data"]
+                    return next((r for r in rows if r["node_id"] == node_id), None)
+
+                wait_for(lambda: row() is not None, 10, "the node's ledger row")
+                got = row()
+                assert got is not None and got["requests"] == 1
+                assert got["prompt_tokens"] == 10_000_000 and got["completion_tokens"] == 0
+            finally:
+                admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke")
