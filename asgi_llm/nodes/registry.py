@@ -99,6 +99,8 @@ class LiveNode:
     adapter_key: tuple[Any, ...] = ()
     transport: Any = None
     transport_key: tuple[Any, ...] = ()
+    blocked: bool = False
+    """The network policy refused the node's URL (no adapter until it changes)."""
 
 
 @dataclass(slots=True)
@@ -372,7 +374,7 @@ class NodeRegistry:
         credential rotation and closed when the URL or mode changes; a direct URL the
         network policy refuses gets no adapter (the node is skipped, not called)."""
         key = (record.mode, record.url, record.credential_hash, record.name, record.org)
-        if live.adapter is not None and live.adapter_key == key:
+        if live.adapter_key == key and (live.adapter is not None or live.blocked):
             return
         transport_key = (record.mode, record.url)
         if live.transport is not None and live.transport_key != transport_key:
@@ -384,7 +386,7 @@ class NodeRegistry:
             if why is not None:
                 if live.adapter is not None:
                     self._changed()
-                live.adapter, live.adapter_key = None, ()
+                live.adapter, live.adapter_key, live.blocked = None, key, True
                 logger.warning("node %s of org %s: not calling its URL (%s)", record.name, record.org, why)
                 return
             base_url = str(record.url).rstrip("/")
@@ -398,8 +400,8 @@ class NodeRegistry:
             live.transport_key = transport_key
         secret = call_secret(self.pepper(), record.id, record.credential_hash)
         live.adapter = NodeAdapter(node_provider(record.name, record.org), base_url=base_url, timeouts=self.timeouts,
-                                     headers={CALL_SECRET_HEADER: secret}, transport=live.transport)
-        live.adapter_key = key
+                                   headers={CALL_SECRET_HEADER: secret}, transport=live.transport)
+        live.adapter_key, live.blocked = key, False
         self._changed()
 
     def _tunnel(self, node_id: str) -> TunnelConnection | None:
