@@ -143,9 +143,10 @@ def engine_b() -> Iterator[FakeUpstreamHandle]:
 
 @pytest.fixture(scope="module")
 def gw(fallback: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    """Loopback explicitly allowed (the agents run on 127.0.0.1)."""
+    """Loopback explicitly allowed (the agents run on 127.0.0.1); org A accepts org B's free nodes."""
     tmp = tmp_path_factory.mktemp("trust-nodes")
-    with gateway_process(_recipe(tmp, fallback, ', allowed_networks: ["127.0.0.1/32"]'), name="trust-gw") as g:
+    extra = ', allowed_networks: ["127.0.0.1/32"], accept_shared: {org-a: [{owner: org-b, max_price: {input: 0, output: 0}}]}'
+    with gateway_process(_recipe(tmp, fallback, extra), name="trust-gw") as g:
         yield g
 
 
@@ -231,8 +232,17 @@ class TestSharedCapacityConsent:
                 # Named orgs are fine for an org admin (the consumer must still accept).
                 ok = admin(gw.url, "PATCH", f"/admin/nodes/{node['id']}", {"shared_with": ["org-c"]}, key=ORG_ADMIN["org-b"])
                 assert ok.status_code == 200 and ok.json()["shared_with"] == ["org-c"]
+                assert chat_route(gw.url, "org-c") == "fallback/fallback-chat"  # shared, not accepted
                 ok = admin(gw.url, "PATCH", f"/admin/nodes/{node['id']}", {"shared_with": ["*"]})
                 assert ok.status_code == 200 and ok.json()["shared_with"] == ["*"]
+                # The recipe's consent (org-a accepts org-b's nodes at price 0) applies; org C has none.
+                assert chat_route(gw.url, "org-a") == "node:b-box@org-b/tiny-chat"
+                assert chat_route(gw.url, "org-c") == "fallback/fallback-chat"
+                mine = admin(gw.url, "GET", "/admin/node-acceptance", key=ORG_ADMIN["org-a"]).json()
+                assert mine["accept"] == [] and mine["recipe"] == [{"owner": "org-b", "max_price": {"input": "0", "output": "0"}}]
+                # A price above the recipe's cap takes it out of org A's routes.
+                admin(gw.url, "PATCH", f"/admin/nodes/{node['id']}", {"price": {"input": "0.01", "output": "0"}})
+                assert chat_route(gw.url, "org-a") == "fallback/fallback-chat"
             finally:
                 admin(gw.url, "POST", f"/admin/nodes/{node['id']}/revoke")
 

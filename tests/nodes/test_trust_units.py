@@ -170,6 +170,28 @@ class _Store:
         return []
 
 
+class TestRecipe:
+    """nodes.allowed_networks and nodes.accept_shared are validated with the recipe."""
+
+    def test_bad_values_are_config_errors(self) -> None:
+        from pydantic import ValidationError
+
+        from asgi_llm.config import NodesConfig
+
+        for bad in ({"allowed_networks": ["not-a-cidr"]}, {"allowed_networks": "10.0.0.0/8"},
+                    {"accept_shared": {"team-b": [{"owner": "team-a"}]}},
+                    {"accept_shared": {"team-b": [{"owner": "team-a", "max_price": {"input": "NaN", "output": 1}}]}},
+                    {"accept_shared": {"team-b": [{"owner": "team-a", "max_price": {"input": 20000, "output": 1}}]}}):
+            with pytest.raises(ValidationError):
+                NodesConfig.model_validate(bad)
+        cfg = NodesConfig.model_validate({"allowed_networks": ["10.0.0.0/8", "::1/128"],
+                                          "accept_shared": {"team-b": [{"owner": "*", "max_price": {"input": 1, "output": 2}}]}})
+        assert NetworkPolicy.from_config(cfg.allowed_networks).allowed is not None
+        from asgi_llm.nodes.consent import recipe_rules
+
+        assert recipe_rules(cfg.accept_shared) == {"team-b": (AcceptRule("*", Decimal(1), Decimal(2)),)}
+
+
 class TestConnectionPools:
     """A node's pool is kept across a credential rotation and closed when its URL changes."""
 
