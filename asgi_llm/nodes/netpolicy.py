@@ -30,14 +30,15 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 
-from asgi_llm.errors import UpstreamConnectionError
+from asgi_llm.errors import UpstreamConnectionError, UpstreamProtocolError, UpstreamTimeoutError
 
 __all__ = ["GuardedTransport", "NetworkPolicy", "NodeURLError", "normalize_node_url"]
 
@@ -187,12 +188,49 @@ class NetworkPolicy:
         return None
 
 
+@contextmanager
+def _node_errors(name: str) -> Iterator[None]:
+    """Connection errors name the node, not its address: a consumer of a shared node
+    never learns the owner's internal host, port or network errors."""
+    try:
+        yield
+    except UpstreamTimeoutError as exc:
+        raise UpstreamTimeoutError(f"Timed out connecting to node {name!r}.") from exc
+    except UpstreamProtocolError as exc:
+        raise UpstreamProtocolError(f"Node {name!r} sent an invalid HTTP response.") from exc
+    except UpstreamConnectionError as exc:
+        raise UpstreamConnectionError(f"The connection to node {name!r} failed or was reset.") from exc
+
+
+class _GuardedResponse:
+    """The inner response, with its errors naming the node (``UpstreamResponse``)."""
+
+    def __init__(self, inner: Any, name: str) -> None:
+        self._inner, self._name = inner, name
+        self.status: int = inner.status
+        self.headers: Mapping[str, str] = inner.headers
+
+    async def read(self) -> bytes:
+        with _node_errors(self._name):
+            return bytes(await self._inner.read())
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        with _node_errors(self._name):
+            async for chunk in self._inner.iter_chunks():
+                yield chunk
+
+    async def aclose(self) -> None:
+        with _node_errors(self._name):
+            await self._inner.aclose()
+
+
 class GuardedTransport:
     """An ``UpstreamTransport`` that re-checks a node's destination before sending.
 
     For an IP-literal URL the check is the synchronous one; for a DNS name the name is
     resolved again (cached ``ttl_s``) and every address checked, so a rebinding to an
-    internal address is refused with a connection error (the plan moves on).
+    internal address is refused with a connection error (the plan moves on). Errors
+    name the node, never its URL or address.
     """
 
     def __init__(self, inner: Any, policy: NetworkPolicy, *, name: str, ttl_s: float = 5.0) -> None:
@@ -214,7 +252,8 @@ class GuardedTransport:
             if len(self._checked) > 64:
                 self._checked.clear()
             self._checked[key] = now + self.ttl_s
-        return await self.inner.send(method, url, headers=headers, body=body)
+        with _node_errors(self.name):
+            return _GuardedResponse(await self.inner.send(method, url, headers=headers, body=body), self.name)
 
     async def warm(self) -> None:
         """Nothing to warm ahead of the first request."""

@@ -98,6 +98,23 @@ class TestNetworkPolicy:
         assert sent == []
 
 
+    @pytest.mark.anyio
+    async def test_errors_name_the_node_not_its_address(self) -> None:
+        """A consumer of a shared node never sees the owner's internal address in a 502."""
+
+        class Inner:
+            async def send(self, method: str, url: str, **kw: Any) -> Any:
+                raise UpstreamConnectionError(f"Could not connect to {url}: [Errno 111] Connect call failed ('10.9.8.7', 8000).")
+
+            async def aclose(self) -> None:
+                pass
+
+        t = GuardedTransport(Inner(), NetworkPolicy(), name="box")
+        with pytest.raises(UpstreamConnectionError) as info:
+            await t.send("POST", "http://10.9.8.7:8000/v1/chat/completions", headers={}, body=b"{}")
+        assert "10.9.8.7" not in info.value.message and "'box'" in info.value.message
+
+
 class TestConsent:
     """Owner match and the price cap, on input and output."""
 
