@@ -438,6 +438,24 @@ class RoutingConfig(BaseModel):
     health: HealthConfig = Field(default_factory=HealthConfig)
 
 
+class NodePriceCap(BaseModel):
+    """The most a consuming org accepts to pay for a shared node, USD per 1M tokens."""
+
+    model_config = _MODEL_CONFIG
+
+    input: Decimal = Field(ge=0, le=10_000, description="USD per 1M prompt tokens")
+    output: Decimal = Field(ge=0, le=10_000, description="USD per 1M completion tokens")
+
+
+class NodeAcceptRule(BaseModel):
+    """One consent to shared capacity: nodes of ``owner`` (``"*"``: any org) up to ``max_price``."""
+
+    model_config = _MODEL_CONFIG
+
+    owner: str = Field(min_length=1, max_length=200, description="the owner org of accepted nodes, or '*'")
+    max_price: NodePriceCap = Field(description="nodes priced above this are not used for this org")
+
+
 class NodesConfig(BaseModel):
     """BYOI nodes: enrollment, heartbeats, connectivity (see ``asgi_llm.nodes``)."""
 
@@ -453,6 +471,30 @@ class NodesConfig(BaseModel):
     ttft_timeout_s: float = Field(60, gt=0, description="streams: max seconds to the first token from a node")
     connect_timeout_s: float = Field(3, gt=0, description="TCP connect timeout to a direct node, seconds")
     idle_timeout_s: float = Field(60, gt=0, description="streams: max silence between chunks from a node")
+    allowed_networks: list[str] | None = Field(
+        None, max_length=1000,
+        description="CIDRs a direct node's URL may resolve into (unset: any but loopback, link-local, "
+                    "unspecified, multicast; the gateway's own address is always refused)",
+    )
+    accept_shared: dict[str, list[NodeAcceptRule]] = Field(
+        default_factory=dict,
+        description="per consumer org: whose shared nodes it accepts, up to which price "
+                    "({owner: <org>|'*', max_price: {input, output}}); org admins add theirs via the admin API",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR network such as 10.0.0.0/8 or 127.0.0.1/32") from None
+        return value
 
 
 class GatewayConfig(BaseModel):

@@ -62,7 +62,7 @@ auth:
     - {{key: "{DEMO_KEY}", org: demo, name: demo-client}}
 limits:
   org: {{rpm: 600, tpm: 1000000, spend_usd_per_day: 50}}
-nodes: {{heartbeat_interval_s: 1, heartbeat_window_s: 5}}
+nodes: {{heartbeat_interval_s: 1, heartbeat_window_s: 5, allowed_networks: ["127.0.0.1/32"]}}  # the demo node is local
 """
 
 
@@ -72,7 +72,7 @@ def check_every_route(env: DemoEnv) -> str:
     seen = []
     try:
         for model, upstream, route_prefix in (("demo-a", "provider-a", "provider-a/"), ("demo-b", "provider-b", "provider-b/"),
-                                              ("demo-node", "node-1", "node:node-1/")):
+                                              ("demo-node", "node-1", "node:node-1@demo/")):
             raw = client.chat.completions.with_raw_response.create(
                 model=model, messages=[{"role": "user", "content": "ping"}]
             )
@@ -171,7 +171,7 @@ def check_cost_comparison(env: DemoEnv) -> str:
         raise AssertionError("the demo gateway has no ledger")
     rows = compare_demo_routes(env.ledger_url, request_ids, expect_routes=3)
     costs = {r["route"]: Decimal(r["cost_per_request_usd"]) for r in rows}
-    a, b, node = costs["provider-a/gpt-4o-mini"], costs["provider-b/llama-3.1-8b"], costs["node:node-1/llama3.1:8b"]
+    a, b, node = costs["provider-a/gpt-4o-mini"], costs["provider-b/llama-3.1-8b"], costs["node:node-1@demo/llama3.1:8b"]
     if not a > b > node == 0:
         raise AssertionError(f"expected provider-a > provider-b > node (free), got {costs}")
     return "  <  ".join(f"{r['route']} ${r['cost_per_request_usd']} ({r['avg_latency_ms']:.0f} ms)"

@@ -35,7 +35,16 @@ from asgi_llm.routing.health import HealthTracker
 from asgi_llm.routing.router import Router
 from asgi_llm.usage.accounting import answer_bytes, plausible_usage
 
-__all__ = ["DispatchApp"]
+__all__ = ["DispatchApp", "TargetUnavailableError"]
+
+
+class TargetUnavailableError(UpstreamError):
+    """A planned target has no adapter any more (a node gone since planning): failover
+    moves to the next target without counting it as an upstream's answer."""
+
+    status_code = 503
+    type = "service_unavailable"
+    code = "target_unavailable"
 
 
 class DispatchApp:
@@ -60,6 +69,10 @@ class DispatchApp:
             target = ctx.target = ctx.plan[0]
         adapter = self.providers.get(target.provider)
         if adapter is None:
+            if target.kind == "node":
+                # A node that went away (or whose URL the network policy refuses) between
+                # planning and now: failover skips it like a target without usable keys.
+                raise TargetUnavailableError(f"Node target '{target.provider}' is not reachable right now.")
             raise ServiceUnavailableError(f"No adapter is configured for provider '{target.provider}'.")
         route = target.route
         key_id, api_key = adapter.keys.pick(route)  # raises a 503 naming the provider if none is usable

@@ -17,6 +17,8 @@ What happens after a failure:
 * ``context_length_exceeded``: only targets declaring a larger ``context_window``.
 * Assistant prefill refused: the next target (the request itself is fine).
 * Any other 4xx (content policy, bad parameters): returned at once, never retried.
+* A target that cannot be tried (no usable key, or a node without an adapter any more):
+  the next target at once.
 
 Attempts are bounded by ``max_attempts`` and the whole pre-commit phase by
 ``request_timeout_s``. Responses say ``x-asgi-llm-route`` and ``x-asgi-llm-attempts``.
@@ -37,6 +39,9 @@ from asgi_llm.providers.base import retry_after_seconds
 from asgi_llm.routing.router import Router, Target
 
 __all__ = ["FailoverMiddleware", "FailoverPolicy"]
+
+_NOT_TRIED = ("upstream_keys_exhausted", "target_unavailable")
+"""Codes of targets that could not be tried at all (no usable key, no adapter): next target."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,7 @@ class FailoverMiddleware:
                 if started:
                     raise  # past the commit point: the error layer ends the stream
                 last = exc
-                if exc.code != "upstream_keys_exhausted":
+                if exc.code not in _NOT_TRIED:
                     last_real = exc
                 action, wait = self._decide(exc, target, queue, tries_here)
             if action == "raise":
@@ -148,7 +153,7 @@ class FailoverMiddleware:
             return "raise", 0.0
         if isinstance(exc, UpstreamTimeoutError):
             return ("next" if others_left else "raise"), 0.0  # a silent target is not retried
-        if exc.code == "upstream_keys_exhausted":
+        if exc.code in _NOT_TRIED:
             return ("next" if others_left else "raise"), 0.0
         if tries_here < policy.retries_per_target:
             return "retry", _jitter(policy.backoff_base_s * (2**tries_here))

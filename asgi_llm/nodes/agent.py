@@ -210,6 +210,7 @@ class NodeAgent:
             if saved.get("gateway") == self.gateway and saved.get("credential"):
                 self.state = saved
                 try:
+                    await self.register()
                     await self.heartbeat()
                 except RevokedError:
                     if not self.config.token:
@@ -250,6 +251,16 @@ class NodeAgent:
         except httpx2.HTTPError:
             pass
         return load
+
+    async def register(self) -> None:
+        """Re-register with the saved credential: where the gateway should call us now
+        (heartbeats cannot change it). The gateway checks and audits it."""
+        resp = await self.client.post(self.gateway + "/nodes/register", json=self._advertisement(),
+                                      headers={"authorization": f"Bearer {self.state['credential']}"}, timeout=10)
+        if resp.status_code == 401:
+            raise RevokedError(_error_message(resp))
+        if resp.status_code >= 400:
+            raise SystemExit(f"re-registration refused: HTTP {resp.status_code}: {_error_message(resp)}")
 
     async def heartbeat(self) -> dict[str, Any]:
         body = {"status": "draining" if self.draining else "ready", "load": await self.engine_load(), **self._advertisement()}

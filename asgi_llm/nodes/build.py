@@ -37,6 +37,8 @@ def build_nodes(parts: BuildParts) -> None:
         raise ConfigError([("auth.keys_from_db", "BYOI nodes keep their records in stores.ledger; keys_from_db must be true")])
     from asgi_llm.admin.nodes import node_admin_routes
     from asgi_llm.middleware.usage import shared_sql
+    from asgi_llm.nodes.consent import recipe_rules
+    from asgi_llm.nodes.netpolicy import NetworkPolicy
     from asgi_llm.nodes.registry import NodeProviders, NodeRegistry
     from asgi_llm.nodes.routes import node_routes
     from asgi_llm.nodes.service import NodeService
@@ -52,6 +54,8 @@ def build_nodes(parts: BuildParts) -> None:
         timeouts=Timeouts(connect=cfg.connect_timeout_s, attempt=cfg.timeout_s, ttft=cfg.ttft_timeout_s, idle=cfg.idle_timeout_s),
         transport=parts.transport,
         health=parts.health,
+        policy=NetworkPolicy.from_config(cfg.allowed_networks),
+        accept_shared=recipe_rules(cfg.accept_shared),
     )
     service = NodeService(store, registry, cfg, reserved_names=set(parts.providers))
     parts.resources.append(registry)

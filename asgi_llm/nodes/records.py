@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from asgi_llm._redact import redact_url
 from asgi_llm.auth.keys import hash_key
 
 __all__ = [
@@ -120,7 +121,8 @@ class NodeRecord:
         return replace(self, **changes)
 
     def visible_to(self, org: str) -> bool:
-        """May requests of ``org`` be routed to this node?"""
+        """Does the owner let ``org`` use this node? (Another org also needs to have
+        accepted it: see :mod:`asgi_llm.nodes.consent`.)"""
         return org == self.org or org in self.shared_with or "*" in self.shared_with
 
     def price_decimal(self) -> tuple[Decimal, Decimal] | None:
@@ -145,7 +147,8 @@ class NodeRecord:
 
     def public(self) -> dict[str, Any]:
         return {
-            "id": self.id, "object": "node", "name": self.name, "org": self.org, "mode": self.mode, "url": self.url,
+            "id": self.id, "object": "node", "name": self.name, "org": self.org, "mode": self.mode,
+            "url": redact_url(self.url) if self.url else None,
             "labels": self.labels, "models": self.models, "price": self.price, "shared_with": list(self.shared_with),
             "availability": self.availability, "state": self.state, "created_at": self.created_at,
             "rotated_at": self.rotated_at, "revoked_at": self.revoked_at, "last_seen_at": self.last_seen_at,

@@ -26,7 +26,18 @@ or ``heartbeat_window_s`` ≥ N × ``heartbeat_interval_s``.
 The registry plugs into the gateway three ways: :meth:`resolve` is the router's
 ``node_resolver``, :meth:`extra_load` its ``extra_load`` (engine queue depth for
 ``least-busy``), and :class:`NodeProviders` lets the dispatcher find a node's adapter
-under the provider name ``node:<name>``.
+under the provider name ``node:<name>@<org>``.
+
+Identity: a node's provider name (and so its routes, ``node:<name>@<org>/<model>``) is
+scoped by its owner org, so two orgs' ``gpu-1`` never meet; its ledger ``node`` column is
+its id (:class:`NodeTarget`), so a name reused after a revoke starts a history of its own.
+
+Tenancy: a node of another org is a candidate only when its owner shares it with the
+caller's org and the caller's org accepted that owner at the node's price
+(:mod:`asgi_llm.nodes.consent`). Destinations: a direct node's URL is checked against
+the network policy before its adapter is built, and its transport re-checks names on
+every connection (:mod:`asgi_llm.nodes.netpolicy`). A node's connection pool is closed
+when its URL changes, it is forgotten, or the registry closes.
 """
 
 from __future__ import annotations
@@ -40,6 +51,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asgi_llm.nodes.adapter import NodeAdapter
+from asgi_llm.nodes.consent import AcceptRule, accepts
+from asgi_llm.nodes.netpolicy import GuardedTransport, NetworkPolicy
 from asgi_llm.nodes.records import CALL_SECRET_HEADER, NodeRecord, call_secret
 from asgi_llm.nodes.tunnel import TunnelConnection, TunnelTransport
 from asgi_llm.providers.base import Timeouts
@@ -54,16 +68,23 @@ if TYPE_CHECKING:
     from asgi_llm.nodes.store import SQLNodeStore
     from asgi_llm.providers.base import ProviderAdapter
 
-__all__ = ["LiveNode", "NODE_PROVIDER_PREFIX", "NodeProviders", "NodeRegistry", "node_provider"]
+__all__ = ["LiveNode", "NODE_PROVIDER_PREFIX", "NodeProviders", "NodeRegistry", "NodeTarget", "node_provider"]
 
 logger = logging.getLogger("asgi_llm.nodes")
 
 NODE_PROVIDER_PREFIX = "node:"
 
 
-def node_provider(name: str) -> str:
-    """The provider name a node's targets carry (``node:<name>``; the ledger's ``node`` column)."""
-    return NODE_PROVIDER_PREFIX + name
+def node_provider(name: str, org: str) -> str:
+    """The provider name a node's targets carry: ``node:<name>@<org>`` (names are per org)."""
+    return f"{NODE_PROVIDER_PREFIX}{name}@{org}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTarget(Target):
+    """A live node target; ``node`` (the node's id) is what the ledger's ``node`` column records."""
+
+    node: str = ""
 
 
 @dataclass
@@ -76,6 +97,10 @@ class LiveNode:
     tunnel: TunnelConnection | None = None
     adapter: OpenAIAdapter | None = None
     adapter_key: tuple[Any, ...] = ()
+    transport: Any = None
+    transport_key: tuple[Any, ...] = ()
+    blocked: bool = False
+    """The network policy refused the node's URL (no adapter until it changes)."""
 
 
 @dataclass(slots=True)
@@ -110,6 +135,9 @@ class NodeRegistry:
         timeouts: per-attempt limits for node targets.
         transport: which HTTP transport direct-mode adapters use.
         clock: monotonic seconds (inject one in tests).
+        policy: where direct-mode nodes may be reached (default: the built-in deny list).
+        accept_shared: the recipe's consents (consumer org → rules); org admins' own
+            are loaded from the store on :meth:`reload`.
     """
 
     def __init__(
@@ -123,6 +151,8 @@ class NodeRegistry:
         transport: TransportName = "auto",
         clock: Callable[[], float] = time.monotonic,
         health: Any = None,
+        policy: NetworkPolicy | None = None,
+        accept_shared: dict[str, tuple[AcceptRule, ...]] | None = None,
     ) -> None:
         self.store = store
         self._pepper = pepper
@@ -132,11 +162,16 @@ class NodeRegistry:
         self.transport: TransportName = transport
         self.clock = clock
         self.health = health
+        self.policy = policy or NetworkPolicy()
+        self.recipe_consents: dict[str, tuple[AcceptRule, ...]] = dict(accept_shared or {})
+        self._org_consents: dict[str, tuple[AcceptRule, ...]] = {}
         self._records: dict[str, NodeRecord] = {}
-        self._by_name: dict[str, str] | None = None  # name → id (first in ``records`` order)
+        self._by_name: dict[tuple[str, str], str] | None = None  # (org, name) → id of the node holding it
+        self._task_group: TaskGroup | None = None
+        self._retired: list[Any] = []  # connection pools to close (built before a task group existed)
         self._sorted: list[NodeRecord] | None = None  # records by name
         self._resolved: dict[tuple[Any, str], _Resolved] = {}
-        self._by_provider: dict[str, LiveNode] | None = None  # ``node:<name>`` → its liveness
+        self._by_provider: dict[str, LiveNode] | None = None  # ``node:<name>@<org>`` → its liveness
         self.live: dict[str, LiveNode] = {}
         self.on_heartbeat: Callable[[NodeRecord, LiveNode], None] | None = None
         """Called after each heartbeat this replica receives (to share liveness)."""
@@ -162,17 +197,55 @@ class NodeRegistry:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self, task_group: TaskGroup) -> None:
+        self._task_group = task_group
         await self.reload()
         task_group.start_soon(self._refresh_loop)
 
     async def aclose(self) -> None:
+        self._task_group = None
         for live in self.live.values():
-            if live.adapter is not None:
-                await live.adapter.aclose()
+            if live.transport is not None:
+                await live.transport.aclose()
             if live.tunnel is not None:
                 live.tunnel.close()
         self.live.clear()
+        retired, self._retired = self._retired, []
+        for transport in retired:
+            await transport.aclose()
         self._changed()
+
+    def _retire(self, transport: Any) -> None:
+        """Close a connection pool nobody uses any more (in the background once started)."""
+        if self._task_group is not None:
+            self._task_group.start_soon(_close_quietly, transport)
+        else:
+            self._retired.append(transport)
+
+    # ----------------------------------------------------------------- consents
+
+    def consents(self, org: str) -> tuple[AcceptRule, ...]:
+        """``org``'s acceptance of shared nodes: the recipe's rules plus its admin's."""
+        return self.recipe_consents.get(org, ()) + self._org_consents.get(org, ())
+
+    def org_consents(self, org: str) -> tuple[AcceptRule, ...]:
+        """The rules ``org``'s admin set (without the recipe's)."""
+        return self._org_consents.get(org, ())
+
+    def set_org_consents(self, org: str, rules: tuple[AcceptRule, ...]) -> None:
+        """Adopt ``org``'s admin-set rules (after the SQL write, or on reload)."""
+        if self._org_consents.get(org, ()) != rules:
+            if rules:
+                self._org_consents[org] = rules
+            else:
+                self._org_consents.pop(org, None)
+            self._changed()
+
+    def may_use(self, record: NodeRecord, org: str) -> bool:
+        """May requests of ``org`` be routed to ``record``? Its own org always; another org
+        when the owner shares the node with it and it accepted the owner at the node's price."""
+        if org == record.org:
+            return True
+        return record.visible_to(org) and accepts(self.consents(org), record.org, record.price_decimal())
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -185,6 +258,18 @@ class NodeRegistry:
     async def reload(self) -> None:
         """Re-read every node record (admin changes made on other replicas)."""
         fresh = {r.id: r for r in await self.store.list()}
+        list_consents = getattr(self.store, "list_consents", None)
+        if list_consents is not None:
+            from asgi_llm.nodes.consent import parse_rules
+
+            stored = await list_consents()
+            for org in set(self._org_consents) | set(stored):
+                try:
+                    rules = parse_rules(stored.get(org, []))
+                except Exception:  # noqa: BLE001 - a row written by hand: ignore it, loudly
+                    logger.warning("node registry: ignoring invalid stored consents of org %r", org)
+                    rules = ()
+                self.set_org_consents(org, rules)
         self.records = fresh
         for node_id in [n for n in self.live if n not in fresh or fresh[n].revoked_at is not None]:
             await self.forget(node_id)
@@ -205,7 +290,7 @@ class NodeRegistry:
         self._records[record.id] = record
         if old is record:
             return
-        if old is None or old.name != record.name:
+        if old is None or old.name != record.name or old.org != record.org or old.revoked_at != record.revoked_at:
             self._by_name = None
         self._sorted = None
         if old is None or old != record:
@@ -219,8 +304,8 @@ class NodeRegistry:
         self._changed()
         if live.tunnel is not None:
             live.tunnel.close()
-        if live.adapter is not None:
-            await live.adapter.aclose()
+        if live.transport is not None:
+            await live.transport.aclose()
 
     def heartbeat(self, record: NodeRecord, *, load: dict[str, float], agent_state: str) -> LiveNode:
         """Note a heartbeat: the node is alive now, with this load."""
@@ -234,7 +319,7 @@ class NodeRegistry:
             # A node that was away may have tripped its breakers while dying; its return
             # is as good as a passed probe (half-open: the next request tries it).
             for m in record.models:
-                self.health.probe_result(f"{node_provider(record.name)}/{m.get('id')}", True)
+                self.health.probe_result(f"{node_provider(record.name, record.org)}/{m.get('id')}", True)
         live.load = load
         live.agent_state = agent_state
         self._ensure_adapter(record, live)
@@ -265,7 +350,7 @@ class NodeRegistry:
         live.last_seen, live.load, live.agent_state = seen, load, agent_state
         if came_back and self.health is not None:
             for m in record.models:
-                self.health.probe_result(f"{node_provider(record.name)}/{m.get('id')}", True)
+                self.health.probe_result(f"{node_provider(record.name, record.org)}/{m.get('id')}", True)
         self._ensure_adapter(record, live)
         return True
 
@@ -285,25 +370,39 @@ class NodeRegistry:
             self._changed()
 
     def _ensure_adapter(self, record: NodeRecord, live: LiveNode) -> None:
-        key = (record.mode, record.url, record.credential_hash, record.name)
-        if live.adapter is not None and live.adapter_key == key:
+        """Build (or keep) the node's adapter. The connection pool is kept across a
+        credential rotation and closed when the URL or mode changes; a direct URL the
+        network policy refuses gets no adapter (the node is skipped, not called)."""
+        key = (record.mode, record.url, record.credential_hash, record.name, record.org)
+        if live.adapter_key == key and (live.adapter is not None or live.blocked):
             return
-        old = live.adapter
+        transport_key = (record.mode, record.url)
+        if live.transport is not None and live.transport_key != transport_key:
+            self._retire(live.transport)
+            live.transport, live.adapter = None, None
+        base_url = "http://tunnel/v1"
+        if record.mode != "tunnel":
+            why = "no URL" if not record.url else self.policy.check_literal(record.url)
+            if why is not None:
+                if live.adapter is not None:
+                    self._changed()
+                live.adapter, live.adapter_key, live.blocked = None, key, True
+                logger.warning("node %s of org %s: not calling its URL (%s)", record.name, record.org, why)
+                return
+            base_url = str(record.url).rstrip("/")
+        if live.transport is None:
+            if record.mode == "tunnel":
+                node_id = record.id
+                live.transport = TunnelTransport(lambda: self._tunnel(node_id), name=record.name)
+            else:
+                live.transport = GuardedTransport(make_transport(self.transport, connect_timeout=self.timeouts.connect),
+                                                  self.policy, name=record.name)
+            live.transport_key = transport_key
         secret = call_secret(self.pepper(), record.id, record.credential_hash)
-        if record.mode == "tunnel":
-            node_id = record.id
-            transport: Any = TunnelTransport(lambda: self._tunnel(node_id), name=record.name)
-            base_url = "http://tunnel/v1"
-        else:
-            transport = make_transport(self.transport, connect_timeout=self.timeouts.connect)
-            base_url = (record.url or "http://invalid").rstrip("/")
-        live.adapter = OpenAIAdapter(node_provider(record.name), base_url=base_url, timeouts=self.timeouts,
-                                     headers={CALL_SECRET_HEADER: secret}, transport=transport)
-        live.adapter_key = key
-        if old is not None:
-            # Closing an in-use pool would cut requests in flight; the old pool is left to
-            # the garbage collector only in the rare case of a URL change.
-            pass
+        live.adapter = NodeAdapter(node_provider(record.name, record.org), base_url=base_url, timeouts=self.timeouts,
+                                   headers={CALL_SECRET_HEADER: secret}, transport=live.transport)
+        live.adapter_key, live.blocked = key, False
+        self._changed()
 
     def _tunnel(self, node_id: str) -> TunnelConnection | None:
         live = self.live.get(node_id)
@@ -317,7 +416,7 @@ class NodeRegistry:
 
     def status(self, record: NodeRecord) -> str:
         """``revoked`` / ``offline`` / ``cordoned`` / ``draining`` / ``paused`` (outside its
-        availability) / ``online``."""
+        availability) / ``blocked`` (its URL is outside the network policy) / ``online``."""
         if record.revoked_at is not None:
             return "revoked"
         if not self.is_online(record.id):
@@ -329,6 +428,8 @@ class NodeRegistry:
             return "draining"
         if record.mode == "tunnel" and (live.tunnel is None or live.tunnel.closed):
             return "offline"
+        if live.adapter is None:
+            return "blocked"  # its URL is refused by the network policy (see the log)
         if not record.available_at():
             return "paused"
         return "online"
@@ -345,28 +446,31 @@ class NodeRegistry:
         out["seconds_since_heartbeat"] = round(self.clock() - live.last_seen, 3) if live is not None and live.last_seen > 0 else None
         return out
 
-    def _name_index(self) -> dict[str, str]:
+    def _name_index(self) -> dict[tuple[str, str], str]:
         index = self._by_name
         if index is None:
             index = {}
             for r in self._records.values():
-                index.setdefault(r.name, r.id)
+                held = index.get((r.org, r.name))
+                if held is None or (r.revoked_at is None and self._records[held].revoked_at is not None):
+                    index[(r.org, r.name)] = r.id
             self._by_name = index
         return index
 
-    def by_name(self, name: str) -> NodeRecord | None:
-        node_id = self._name_index().get(name)
+    def by_name(self, name: str, org: str) -> NodeRecord | None:
+        """The node of ``org`` called ``name`` (the one not revoked, if any)."""
+        node_id = self._name_index().get((org, name))
         return self._records.get(node_id) if node_id is not None else None
 
     def _live_by_provider(self, provider: str) -> LiveNode | None:
-        """The liveness of the node behind ``node:<name>`` (that of :meth:`by_name`)."""
+        """The liveness of the node behind ``node:<name>@<org>`` (that of :meth:`by_name`)."""
         index = self._by_provider
         if index is None:
             index = {}
-            for name, node_id in self._name_index().items():
+            for (org, name), node_id in self._name_index().items():
                 live = self.live.get(node_id)
                 if live is not None:
-                    index[node_provider(name)] = live
+                    index[node_provider(name, org)] = live
             self._by_provider = index
         return index.get(provider)
 
@@ -408,7 +512,7 @@ class NodeRegistry:
         built_at, oldest, tunnels = self.clock(), math.inf, []
         wall_from, wall_until, wall_now = -math.inf, math.inf, time.time()
         for record in ordered:
-            if not record.visible_to(org) or not _matches(spec.selector, record):
+            if not self.may_use(record, org) or not _matches(spec.selector, record):
                 continue
             if not any(m.get("id") == spec.model for m in record.models):
                 continue
@@ -427,10 +531,10 @@ class NodeRegistry:
             if owner_price is not None:
                 price = Price(owner_price[0], owner_price[1])
             window = next((m.get("context_length") for m in record.models if m.get("id") == spec.model), None)
-            out.append(Target(
-                provider=node_provider(record.name), model=spec.model, price=price, weight=spec.weight,
+            out.append(NodeTarget(
+                provider=node_provider(record.name, record.org), model=spec.model, price=price, weight=spec.weight,
                 context_window=spec.context_window or (window if isinstance(window, int) else None),
-                prefill=spec.prefill, kind="node",
+                prefill=spec.prefill, kind="node", node=record.id,
             ))
         return _Resolved(out, built_at, oldest, self.window_s, wall_from, wall_until, tuple(tunnels))
 
@@ -468,9 +572,16 @@ def _matches(selector: str, record: NodeRecord) -> bool:
     return record.name in {s.strip() for s in selector.split(",")}
 
 
+async def _close_quietly(transport: Any) -> None:
+    try:
+        await transport.aclose()
+    except Exception:  # noqa: BLE001 - closing a dead pool must not take the registry down
+        logger.warning("node registry: closing a retired connection pool failed", exc_info=True)
+
+
 class NodeProviders(dict):  # type: ignore[type-arg]
     """The dispatcher's provider table: the recipe's providers, then live node adapters
-    by ``node:<name>``. Iterating sees the recipe's providers only (probes, shutdown)."""
+    by ``node:<name>@<org>``. Iterating sees the recipe's providers only (probes, shutdown)."""
 
     def __init__(self, static: dict[str, Any], registry: NodeRegistry) -> None:
         super().__init__(static)

@@ -5,8 +5,12 @@
   "labels"?, "price"?}`` → ``201 {"node_id", "name", "org", "credential", "call_secret",
   "heartbeat_interval_s", "heartbeat_window_s", "node"}``.
 * ``POST /nodes/heartbeat`` — ``Bearer nc-llm-…``; body ``{"status": "ready"|"draining",
-  "load": {"in_flight", "queue_depth", "running", "kv_cache_usage"}, "models"?, "mode"?, "url"?}``
-  → ``{"state", "status", …}``.
+  "load": {"in_flight", "queue_depth", "running", "kv_cache_usage"}, "models"?}`` → ``{"state",
+  "status", …}``. Load figures are clamped to their range; a ``url``/``mode`` that differs
+  from the registered one is ignored (``"url_ignored": true``).
+* ``POST /nodes/register`` — ``Bearer nc-llm-…``; body ``{"mode", "url" (direct), "models"?}``:
+  the only way to change where the gateway calls the node. Checked like enrollment (URL
+  shape, ``nodes.allowed_networks``) and recorded in the audit log (old and new URL, redacted).
 * ``POST /nodes/rotate`` — a new credential (and call secret); the old one dies at once.
 * ``GET /nodes/me`` — the node's own record.
 * ``/nodes/tunnel`` (WebSocket) — see :mod:`asgi_llm.nodes.tunnel`.
@@ -53,11 +57,21 @@ def node_routes(service: NodeService) -> list[BaseRoute]:
     """The ``/nodes/...`` HTTP routes, bound to ``service``."""
 
     async def enroll(request: Request) -> JSONResponse:
+        service.registry.policy.learn_self(request.scope.get("server"))
         return _respond(request, await service.enroll(presented_key(request.scope), await _json(request)), 201)
 
     async def heartbeat(request: Request) -> JSONResponse:
         record = await service.authenticate(presented_key(request.scope))
         return _respond(request, await service.heartbeat(record, await _json(request)))
+
+    async def register(request: Request) -> JSONResponse:
+        service.registry.policy.learn_self(request.scope.get("server"))
+        record = await service.authenticate(presented_key(request.scope))
+        ctx = request.scope["asgi_llm"]
+        ctx.state["audit_target"] = record.id
+        detail: dict[str, Any] = {}
+        ctx.state["audit_detail"] = detail
+        return _respond(request, await service.register(record, await _json(request), audit=detail))
 
     async def rotate(request: Request) -> JSONResponse:
         record = await service.authenticate(presented_key(request.scope))
@@ -70,6 +84,7 @@ def node_routes(service: NodeService) -> list[BaseRoute]:
     return [
         Route("/nodes/enroll", enroll, methods=["POST"]),
         Route("/nodes/heartbeat", heartbeat, methods=["POST"]),
+        Route("/nodes/register", register, methods=["POST"]),
         Route("/nodes/rotate", rotate, methods=["POST"]),
         Route("/nodes/me", me, methods=["GET"]),
     ]

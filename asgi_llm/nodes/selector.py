@@ -5,7 +5,7 @@ targets at request time) that also answers ``route``/``provider``/``kind`` like 
 :class:`~asgi_llm.routing.router.Target`, because layers that read a model's targets
 from the recipe — quota price estimates, cache keys, usage pricing — read those
 attributes. Its route is ``nodes:<selector>/<model>``; a served attempt's route is the
-node's own ``node:<name>/<model>``.
+node's own ``node:<name>@<org>/<model>``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """Node operations shared by the node API, the admin API and the tunnel endpoint:
-enrollment, credential checks, heartbeats, rotation, cordon/drain/revoke."""
+enrollment, credential checks, heartbeats, re-registration, rotation, cordon/drain/revoke,
+consents.
+
+A direct node's URL is set at enrollment and changed only by :meth:`NodeService.register`
+(``POST /nodes/register``, audited); heartbeats carry liveness and load, and a URL or mode
+in a heartbeat is ignored. Every URL is normalised and checked against the network policy
+(:mod:`asgi_llm.nodes.netpolicy`) before it is stored.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from asgi_llm._redact import redact_url
 from asgi_llm.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from asgi_llm.nodes.consent import AcceptRule
+from asgi_llm.nodes.inputs import parse_labels, parse_load, parse_models, parse_optional_price
+from asgi_llm.nodes.netpolicy import NodeURLError, normalize_node_url
 from asgi_llm.nodes.records import (
     CREDENTIAL_PREFIX,
     TOKEN_PREFIX,
@@ -83,16 +94,20 @@ class NodeService:
             raise InvalidRequestError("'name' must be 1-63 letters, digits, '.', '_' or '-'.", param="name")
         if name in self.reserved:
             raise NodeConflictError(f"The name {name!r} belongs to a provider of this gateway; choose another.", code="node_name_taken")
-        mode, url = _mode_url(body)
-        models = _models(body.get("models"))
-        taken = self.registry.by_name(name)
+        mode, url = await self._mode_url(body)
+        models = parse_models(body.get("models"))
+        labels = parse_labels(body.get("labels"))
+        price = parse_optional_price(body.get("price"))
+        pepper = self.registry.pepper()
+        token_hash = secret_hash(pepper, token)
+        org = await self.store.token_org(token_hash)
+        taken = self.registry.by_name(name, org) if org is not None else None
         if taken is not None and taken.revoked_at is None:
             # Checked before the token is spent, so a clash costs the operator nothing.
-            raise NodeConflictError(f"A node named {name!r} is already enrolled; pick another --name.")
-        pepper = self.registry.pepper()
+            raise NodeConflictError(f"A node named {name!r} is already enrolled in org {org!r}; pick another --name.")
         node_id = new_id("node_")
         now = self.clock()
-        record_token, problem = await self.store.consume_token(secret_hash(pepper, token), node_id=node_id, at=now)
+        record_token, problem = await self.store.consume_token(token_hash, node_id=node_id, at=now)
         if record_token is None:
             message = {
                 "used": "This enrollment token was already used; ask an admin for a new one.",
@@ -102,10 +117,12 @@ class NodeService:
         defaults = record_token.defaults
         credential = new_secret(CREDENTIAL_PREFIX)
         cred_hash = secret_hash(pepper, credential)
-        labels = {**defaults.get("labels", {}), **_labels(body.get("labels"))}
+        labels = {**defaults.get("labels", {}), **labels}
+        if len(labels) > 32:
+            labels = dict(list(labels.items())[:32])
         record = NodeRecord(
             id=node_id, name=name, org=record_token.org, credential_hash=cred_hash, mode=mode, url=url,
-            labels=labels, models=models, price=_price(body.get("price")) or defaults.get("price"),
+            labels=labels, models=models, price=price or defaults.get("price"),
             shared_with=tuple(defaults.get("shared_with", ())), availability=defaults.get("availability") or {"mode": "always"},
             created_at=now, last_seen_at=now, created_by=record_token.created_by or record_token.id,
         )
@@ -143,28 +160,72 @@ class NodeService:
             return None
 
     async def heartbeat(self, record: NodeRecord, body: dict[str, Any]) -> dict[str, Any]:
-        """Note the node alive with its load; update what it advertises when it changed."""
+        """Note the node alive with its load (clamped); update the models it advertises.
+
+        A ``url`` or ``mode`` differing from the registered one is ignored (the answer
+        says ``"url_ignored": true``): only :meth:`register` changes where the gateway calls.
+        """
         changes: dict[str, Any] = {}
         if "models" in body:
-            models = _models(body["models"])
+            models = parse_models(body["models"])
             if models != record.models:
                 changes["models"] = models
-        if "mode" in body or "url" in body:
-            mode, url = _mode_url(body)
-            if (mode, url) != (record.mode, record.url):
-                changes["mode"], changes["url"] = mode, url
+        ignored = (("mode" in body and body.get("mode", "direct") != record.mode)
+                   or ("url" in body and body.get("url") is not None and _same_url(body.get("url"), record.url) is False))
         now = self.clock()
         if changes or record.last_seen_at is None or now - record.last_seen_at > 60:
             record = record.with_(**changes, last_seen_at=now)
             await self.store.update(record)
         self.registry.put(record)
-        load = body.get("load") if isinstance(body.get("load"), dict) else {}
-        clean = {k: float(v) for k, v in load.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         agent_state = "draining" if body.get("status") == "draining" else "ready"
-        self.registry.heartbeat(record, load=clean, agent_state=agent_state)
-        return {"object": "node.heartbeat", "node_id": record.id, "state": record.state,
-                "status": self.registry.status(record), "heartbeat_interval_s": self.config.heartbeat_interval_s,
-                "heartbeat_window_s": self.config.heartbeat_window_s}
+        self.registry.heartbeat(record, load=parse_load(body.get("load")), agent_state=agent_state)
+        out = {"object": "node.heartbeat", "node_id": record.id, "state": record.state,
+               "status": self.registry.status(record), "heartbeat_interval_s": self.config.heartbeat_interval_s,
+               "heartbeat_window_s": self.config.heartbeat_window_s}
+        if ignored:
+            out["url_ignored"] = True
+        return out
+
+    async def register(self, record: NodeRecord, body: dict[str, Any], *, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Explicit re-registration: change the node's mode/URL (checked like at
+        enrollment) and models. ``audit`` (the request's audit detail) gets the old and
+        new URL, redacted."""
+        if audit is not None:
+            audit["node_id"] = record.id
+            if isinstance(body.get("url"), str):
+                audit["requested_url"] = redact_url(body["url"][:300])
+        mode, url = await self._mode_url(body)
+        changes: dict[str, Any] = {"mode": mode, "url": url}
+        if "models" in body:
+            changes["models"] = parse_models(body["models"])
+        if audit is not None:
+            audit.update({"node_id": record.id, "mode": mode, "url": redact_url(url) if url else None,
+                          "previous_url": redact_url(record.url) if record.url else None})
+        if any(getattr(record, k) != v for k, v in changes.items()):
+            record = record.with_(**changes, last_seen_at=self.clock())
+            await self.store.update(record)
+        self.registry.put(record)
+        live = self.registry.live.get(record.id)
+        if live is not None:
+            self.registry._ensure_adapter(record, live)
+        return {"object": "node.registration", "node": self.registry.describe(record)}
+
+    async def _mode_url(self, body: dict[str, Any]) -> tuple[str, str | None]:
+        """``mode`` and the normalised, policy-checked ``url`` (``None`` for tunnels)."""
+        mode = body.get("mode", "direct")
+        if mode not in ("direct", "tunnel"):
+            raise InvalidRequestError("'mode' must be 'direct' or 'tunnel'.", param="mode")
+        if mode == "tunnel":
+            return mode, None
+        try:
+            url = normalize_node_url(body.get("url"))
+        except NodeURLError as exc:
+            raise InvalidRequestError(str(exc), param="url", code="invalid_node_url") from None
+        why = await self.registry.policy.check(url)
+        if why is not None:
+            raise InvalidRequestError(f"The node URL {redact_url(url)} is not allowed: {why}.", param="url",
+                                      code="node_url_not_allowed")
+        return mode, url
 
     async def rotate(self, record: NodeRecord) -> dict[str, Any]:
         """A new credential (and call secret); the old one stops working at once."""
@@ -180,13 +241,27 @@ class NodeService:
     # ----------------------------------------------------------------- admin
 
     async def owned(self, node_id: str, org: str) -> NodeRecord:
+        """The node ``node_id`` (an id, or a name of the caller's org) if ``org`` may manage it."""
+        if len(node_id) > 300:
+            raise NotFoundError("No such node.")
         record = await self.store.get(node_id)
         if record is None:
-            record = self.registry.by_name(node_id)  # a name works as well as an id
-            record = await self.store.get(record.id) if record is not None else None
+            if org == "*":  # a name works as well as an id, when it names one node
+                named = [r for r in self.registry.records.values() if r.name == node_id and r.revoked_at is None]
+                if len(named) > 1:
+                    raise NotFoundError(f"Several orgs have a node named {node_id!r}: use its id (see /admin/nodes).")
+                found = named[0] if named else None
+            else:
+                found = self.registry.by_name(node_id, org)
+            record = await self.store.get(found.id) if found is not None else None
         if record is None or org not in ("*", record.org):
             raise NotFoundError(f"No such node: {node_id}.")
         return record
+
+    async def set_consents(self, org: str, rules: tuple[AcceptRule, ...], *, by: str | None) -> None:
+        """Replace ``org``'s own acceptance of shared nodes (see :mod:`asgi_llm.nodes.consent`)."""
+        await self.store.set_consent(org, [r.public() for r in rules], at=self.clock(), by=by)
+        self.registry.set_org_consents(org, rules)
 
     async def set_state(self, record: NodeRecord, state: str) -> NodeRecord:
         record = record.with_(state=state)
@@ -209,51 +284,10 @@ class NodeService:
         return record
 
 
-def _mode_url(body: dict[str, Any]) -> tuple[str, str | None]:
-    mode = body.get("mode", "direct")
-    if mode not in ("direct", "tunnel"):
-        raise InvalidRequestError("'mode' must be 'direct' or 'tunnel'.", param="mode")
-    url = body.get("url")
-    if mode == "direct":
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2000:
-            raise InvalidRequestError("Direct mode needs the agent's 'url' (http(s)://host:port/v1).", param="url")
-        return mode, url.rstrip("/")
-    return mode, None
 
-
-def _models(raw: Any) -> list[dict[str, Any]]:
-    if not isinstance(raw, list) or len(raw) > 1000:
-        raise InvalidRequestError("'models' must be a list of {id, ...} objects.", param="models")
-    out = []
-    for m in raw:
-        if isinstance(m, str):
-            m = {"id": m}
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not m["id"]:
-            raise InvalidRequestError("each of 'models' needs a string 'id'.", param="models")
-        keep = {k: v for k, v in m.items() if k in ("id", "context_length", "tools", "embeddings", "owned_by")}
-        out.append(keep)
-    return out
-
-
-def _labels(raw: Any) -> dict[str, str]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
-        raise InvalidRequestError("'labels' must be an object of strings.", param="labels")
-    return dict(raw)
-
-
-def _price(raw: Any) -> dict[str, str] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or not all(k in ("input", "output") and isinstance(v, int | float | str) for k, v in raw.items()):
-        raise InvalidRequestError("'price' must be {input, output} in USD per 1M tokens.", param="price")
+def _same_url(raw: Any, stored: str | None) -> bool | None:
+    """Whether a heartbeat's URL is the registered one (``None`` when it cannot be parsed)."""
     try:
-        from decimal import Decimal
-
-        values = {k: str(Decimal(str(v))) for k, v in raw.items()}
-    except Exception:  # noqa: BLE001 - decimal.InvalidOperation
-        raise InvalidRequestError("'price' values must be numbers.", param="price") from None
-    if any(v.startswith("-") for v in values.values()):
-        raise InvalidRequestError("'price' values must not be negative.", param="price")
-    return {"input": values.get("input", "0"), "output": values.get("output", "0")}
+        return normalize_node_url(raw) == stored
+    except NodeURLError:
+        return False

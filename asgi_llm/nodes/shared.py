@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from asgi_llm.nodes.inputs import parse_load
 from asgi_llm.nodes.registry import LiveNode, NodeRegistry
 
 __all__ = ["SharedNodeLiveness"]
@@ -85,7 +86,7 @@ class SharedNodeLiveness:
                     data = json.loads(raw)
                     node_id = (key.decode() if isinstance(key, bytes) else key)[len(PREFIX):]
                     age_s = max(0.0, (window_ms - pttl) / 1000.0)
-                    known = self.registry.observe_remote(node_id, age_s=age_s, load=data.get("load") or {},
+                    known = self.registry.observe_remote(node_id, age_s=age_s, load=parse_load(data.get("load")),
                                                          agent_state=data.get("agent_state", "ready"))
                     unknown = unknown or not known
                 if unknown:

@@ -1,8 +1,14 @@
-"""Node records and enrollment tokens in the SQL store (tables of revision ``0003_nodes``).
+"""Node records, enrollment tokens and consents in the SQL store (tables of revisions
+``0003_nodes`` and ``0005_node_scope``).
 
 Consuming an enrollment token is one conditional ``UPDATE … WHERE used_at IS NULL AND
 expires_at > now``: of two concurrent joins with the same token (on any replica) exactly
 one wins; a replay finds it used.
+
+Node names are unique per org among nodes that are not revoked (a unique index on
+``(org, name)``; a revoked node gives its name up by being renamed ``name#id``). The
+node's identity everywhere else — the ledger's ``node`` column, reports — is its id, so
+a reused name never inherits another node's history.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def _tables() -> Any:
     nodes = sa.Table(
         "nodes", md,
         sa.Column("id", sa.String(40), primary_key=True),
-        sa.Column("name", sa.String(200), nullable=False, unique=True),
+        sa.Column("name", sa.String(200), nullable=False),
         sa.Column("org", sa.String(200), nullable=False),
         sa.Column("credential_hash", sa.String(64), nullable=False, unique=True),
         sa.Column("mode", sa.String(16), nullable=False),
@@ -58,8 +64,22 @@ def _tables() -> Any:
         sa.Column("revoked_at", sa.Float),
         sa.Column("last_seen_at", sa.Float),
         sa.Column("created_by", sa.String(200)),
+        sa.UniqueConstraint("org", "name", name="ix_nodes_org_name"),
     )
     return tokens, nodes
+
+
+@cache
+def _consents() -> Any:
+    import sqlalchemy as sa
+
+    return sa.Table(
+        "node_consents", sa.MetaData(),
+        sa.Column("org", sa.String(200), primary_key=True),
+        sa.Column("rules", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("updated_by", sa.String(200)),
+    )
 
 
 def _token(row: Any) -> EnrollmentToken:
@@ -130,6 +150,13 @@ class SQLNodeStore:
             return None, "used" if row.used_at is not None else "expired"
         return _token(row), None
 
+    async def token_org(self, token_hash: str) -> str | None:
+        """The org of a token (used or not), without consuming it."""
+        tokens, _ = _tables()
+        row = await self.db.run(
+            lambda c: c.execute(tokens.select().where(tokens.c.token_hash == token_hash)).first(), "enrollment token read")
+        return None if row is None else str(row.org)
+
     async def list_tokens(self, *, org: str | None = None) -> list[EnrollmentToken]:
         tokens, _ = _tables()
         stmt = tokens.select().order_by(tokens.c.created_at, tokens.c.id)
@@ -141,17 +168,23 @@ class SQLNodeStore:
     # ----------------------------------------------------------------- nodes
 
     async def create_node(self, record: NodeRecord) -> None:
-        """Insert a node. A revoked node holding the same name gives it up (renamed
-        ``name#id``); an active one keeps it (``ValueError``)."""
+        """Insert a node. A revoked node of the same org holding the same name gives it up
+        (renamed ``name#id``); an active one keeps it (``ValueError``). Names of other
+        orgs never collide."""
+        import sqlalchemy as sa
+
         _, nodes = _tables()
 
         def q(conn: Any) -> None:
-            old = conn.execute(nodes.select().where(nodes.c.name == record.name)).first()
+            old = conn.execute(nodes.select().where(nodes.c.org == record.org, nodes.c.name == record.name)).first()
             if old is not None:
                 if old.revoked_at is None:
-                    raise ValueError(f"a node named {record.name!r} is already enrolled")
+                    raise ValueError(f"a node named {record.name!r} is already enrolled in org {record.org!r}")
                 conn.execute(nodes.update().where(nodes.c.id == old.id).values(name=f"{old.name}#{old.id}"))
-            conn.execute(nodes.insert().values(**_node_row(record)))
+            try:
+                conn.execute(nodes.insert().values(**_node_row(record)))
+            except sa.exc.IntegrityError:  # a concurrent enrollment took the name first
+                raise ValueError(f"a node named {record.name!r} is already enrolled in org {record.org!r}") from None
 
         await self.db.run(q, "node create", write=True)
 
@@ -182,3 +215,31 @@ class SQLNodeStore:
         row.pop("id")
         await self.db.run(lambda c: c.execute(nodes.update().where(nodes.c.id == record.id).values(**row)),
                           "node update", write=True)
+
+    # ----------------------------------------------------------------- consents
+
+    async def list_consents(self) -> dict[str, list[dict[str, Any]]]:
+        """Every org's own acceptance rules (raw JSON, validated by the caller)."""
+        table = _consents()
+        rows: Sequence[Any] = await self.db.run(lambda c: c.execute(table.select()).all(), "node consent list")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            try:
+                rules = json.loads(r.rules)
+            except ValueError:
+                continue
+            if isinstance(rules, list):
+                out[str(r.org)] = rules
+        return out
+
+    async def set_consent(self, org: str, rules: list[dict[str, Any]], *, at: float, by: str | None) -> None:
+        """Replace ``org``'s acceptance rules (an empty list withdraws every consent)."""
+        table = _consents()
+        text = json.dumps(rules)
+
+        def q(conn: Any) -> None:
+            done = conn.execute(table.update().where(table.c.org == org).values(rules=text, updated_at=at, updated_by=by)).rowcount
+            if done != 1:
+                conn.execute(table.insert().values(org=org, rules=text, updated_at=at, updated_by=by))
+
+        await self.db.run(q, "node consent write", write=True)

@@ -18,6 +18,11 @@ Protocol over a :class:`TunnelConnection`, so the OpenAI-compatible adapter (bod
 rewriting, usage, stream parsing, timeouts) works unchanged. A dropped WebSocket ends
 every open request with :class:`~asgi_llm.errors.UpstreamConnectionError`, so a
 request not yet committed fails over like any connection reset.
+
+One tunnel per node: when an agent (or anyone holding its credential) opens another,
+the registry closes the previous :class:`TunnelConnection`, and closing it closes its
+WebSocket (code 4409) — a credential cannot pile up open sockets. Revoking a node
+closes its tunnel the same way (code 4409 as well).
 """
 
 from __future__ import annotations
@@ -105,8 +110,10 @@ class TunnelConnection:
         send_text: sends one text message on the WebSocket (serialised here).
     """
 
-    def __init__(self, send_text: Callable[[str], Awaitable[None]], *, name: str = "") -> None:
+    def __init__(self, send_text: Callable[[str], Awaitable[None]], *, name: str = "",
+                 on_close: Callable[[], None] | None = None) -> None:
         self._send_text = send_text
+        self._on_close = on_close
         self._lock = anyio.Lock()
         self._streams: dict[int, ObjectSendStream[dict[str, Any]]] = {}
         self._next = 0
@@ -181,11 +188,15 @@ class TunnelConnection:
             self._streams.pop(rid, None)
 
     def close(self) -> None:
-        """The WebSocket is gone: every open request ends with a connection error."""
+        """The WebSocket is gone or replaced: every open request ends with a connection
+        error, and the socket (if still open) is closed by its endpoint."""
         self.closed = True
         for tx in self._streams.values():
             tx.close()
         self._streams.clear()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class TunnelTransport:
@@ -235,26 +246,43 @@ async def serve_tunnel(scope: Scope, receive: Receive, send: Send, *,
     async def send_text(text: str) -> None:
         await send({"type": "websocket.send", "text": text})
 
-    conn = TunnelConnection(send_text, name=getattr(node, "name", ""))
+    closing = anyio.Event()
+    conn = TunnelConnection(send_text, name=getattr(node, "name", ""), on_close=closing.set)
     attach(node, conn)
+    replaced = False
     try:
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            text = message.get("text")
-            if text is None and message.get("bytes") is not None:
-                text = message["bytes"].decode()
-            if not text:
-                continue
-            try:
-                frame = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(frame, dict):
-                conn.feed(frame)
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    text = message.get("text")
+                    if text is None and message.get("bytes") is not None:
+                        text = message["bytes"].decode(errors="replace")
+                    if not text:
+                        continue
+                    try:
+                        frame = json.loads(text)
+                    except ValueError:
+                        continue
+                    if isinstance(frame, dict):
+                        conn.feed(frame)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(read)
+            await closing.wait()  # replaced by a newer tunnel, the node forgotten, or the reader ended
+            replaced = not tg.cancel_scope.cancel_called
+            tg.cancel_scope.cancel()
     finally:
         conn.close()
         detach(node, conn)
+    if replaced:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            try:
+                await send({"type": "websocket.close", "code": 4409, "reason": "replaced by a newer tunnel or revoked"})
+            except Exception:  # noqa: BLE001 - the peer is gone already
+                pass
 
 

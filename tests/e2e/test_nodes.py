@@ -72,7 +72,7 @@ auth:
 stores: {{ledger: "sqlite:///{tmp / 'gw.db'}"}}
 usage: {{flush_interval_s: 0.05}}
 limits: {{org: {{rpm: 100000, spend_usd_per_day: 100}}}}   # the quota layer prices node selectors too
-nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: {WINDOW_S}}}
+nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: {WINDOW_S}, allowed_networks: ["127.0.0.1/32"]}}
 routing: {{health: {{failure_threshold: 1000, probe_interval_s: 0}}}}
 """)
     with gateway_process(recipe, name="gateway") as gw:
@@ -176,8 +176,8 @@ class TestDirectNode:
         state = tmp_path / "node-a"
         with agent(gateway, engine, state, token=new_token(gateway), name="e5-direct",
                    extra=("--label", "gpu=none")) as proc:
-            assert embed_route(gateway) == f"node:e5-direct/{E5}"
-            assert embed_route(gateway, model="embed-labeled") == f"node:e5-direct/{E5}"
+            assert embed_route(gateway) == f"node:e5-direct@team-a/{E5}"
+            assert embed_route(gateway, model="embed-labeled") == f"node:e5-direct@team-a/{E5}"
             # The agent only takes calls that carry the gateway's per-node secret.
             direct = httpx2.post(proc_url(proc), json={"model": E5, "input": "x"})
             assert direct.status_code == 401
@@ -192,7 +192,7 @@ class TestDirectNode:
         # Restart without a token: the saved credential re-enrolls idempotently.
         with agent(gateway, engine, state, token=None, name="e5-direct") as proc:
             assert node_status(gateway, "e5-direct") == "online"
-            assert embed_route(gateway) == f"node:e5-direct/{E5}"
+            assert embed_route(gateway) == f"node:e5-direct@team-a/{E5}"
             nodes = [n for n in admin(gateway, "GET", "/admin/nodes").json()["data"] if n["name"] == "e5-direct"]
             assert len(nodes) == 1
             node_id = nodes[0]["id"]
@@ -207,9 +207,10 @@ class TestDirectNode:
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "node_revoked"
 
     def test_org_isolation_and_sharing(self, gateway: str, engine: str, tmp_path: Path) -> None:
-        """A node of team-a is never used for team-b — until team-a shares it; price feeds cost."""
+        """A node of team-a is never used for team-b — until team-a shares it AND team-b
+        accepts team-a's nodes at that price (before: sharing alone was enough)."""
         with agent(gateway, engine, tmp_path / "node-iso", token=new_token(gateway), name="e5-private"):
-            assert embed_route(gateway, TEAM_A) == f"node:e5-private/{E5}"
+            assert embed_route(gateway, TEAM_A) == f"node:e5-private@team-a/{E5}"
             for _ in range(3):
                 assert embed_route(gateway, TEAM_B) == "fallback/text-embedding-3-small"
             node = next(n for n in admin(gateway, "GET", "/admin/nodes").json()["data"] if n["name"] == "e5-private")
@@ -217,8 +218,15 @@ class TestDirectNode:
             patched = admin(gateway, "PATCH", f"/admin/nodes/{node['id']}",
                             {"shared_with": ["team-b"], "price": {"input": 0.02, "output": 0}})
             assert patched.status_code == 200, patched.text
-            assert embed_route(gateway, TEAM_B) == f"node:e5-private/{E5}"
-            admin(gateway, "POST", f"/admin/nodes/{node['id']}/revoke")
+            assert embed_route(gateway, TEAM_B) == "fallback/text-embedding-3-small"  # no consent yet
+            accept = admin(gateway, "PUT", "/admin/node-acceptance",
+                           {"org": "team-b", "accept": [{"owner": "team-a", "max_price": {"input": 0.05, "output": 0}}]})
+            assert accept.status_code == 200, accept.text
+            try:
+                assert embed_route(gateway, TEAM_B) == f"node:e5-private@team-a/{E5}"
+            finally:
+                admin(gateway, "PUT", "/admin/node-acceptance", {"org": "team-b", "accept": []})
+                admin(gateway, "POST", f"/admin/nodes/{node['id']}/revoke")
 
     def test_cordon_and_drain(self, gateway: str, engine: str, tmp_path: Path) -> None:
         """Cordon takes a node out of routing and back; drain makes the agent finish and exit 0."""
@@ -227,7 +235,7 @@ class TestDirectNode:
             assert admin(gateway, "POST", f"/admin/nodes/{node_id}/cordon").json()["status"] == "cordoned"
             assert embed_route(gateway) == "fallback/text-embedding-3-small"
             assert admin(gateway, "POST", f"/admin/nodes/{node_id}/uncordon").json()["status"] == "online"
-            assert embed_route(gateway) == f"node:e5-cordon/{E5}"
+            assert embed_route(gateway) == f"node:e5-cordon@team-a/{E5}"
             admin(gateway, "POST", f"/admin/nodes/{node_id}/drain")
             assert embed_route(gateway) == "fallback/text-embedding-3-small"
             assert proc.proc.wait(10) == 0
@@ -251,12 +259,12 @@ class TestTunnel:
             wait_for(lambda: node_status(gateway, "tun-chat") == "online", 5, "tunnel online")
             with client(gateway) as c:
                 raw = c.chat.completions.with_raw_response.create(model="chat", messages=[{"role": "user", "content": "hi"}])
-                assert raw.headers["x-asgi-llm-route"] == "node:tun-chat/tiny-chat"
+                assert raw.headers["x-asgi-llm-route"] == "node:tun-chat@team-a/tiny-chat"
                 text = raw.parse().choices[0].message.content
                 assert text and "node-engine" in text
                 stream = c.chat.completions.with_raw_response.create(
                     model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
-                assert stream.headers["x-asgi-llm-route"] == "node:tun-chat/tiny-chat"
+                assert stream.headers["x-asgi-llm-route"] == "node:tun-chat@team-a/tiny-chat"
                 chunks = [ch.choices[0].delta.content or "" for ch in stream.parse() if ch.choices]
                 assert len([c for c in chunks if c]) > 1 and "".join(chunks) == text
                 from concurrent.futures import ThreadPoolExecutor
@@ -293,7 +301,7 @@ class TestContribution:
         """Calls served by a node show up under its name and its owner org."""
         with agent(gateway, engine, tmp_path / "rep", token=new_token(gateway), name="e5-report"):
             for _ in range(3):
-                assert embed_route(gateway) == f"node:e5-report/{E5}"
+                assert embed_route(gateway) == f"node:e5-report@team-a/{E5}"
             admin(gateway, "POST", "/admin/usage/flush")
             report = admin(gateway, "GET", "/admin/nodes/report").json()
             row = next(r for r in report["data"] if r["node"] == "e5-report")

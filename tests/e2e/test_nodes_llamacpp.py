@@ -57,7 +57,7 @@ class TestLlamaCpp:
             with client(gateway) as c:
                 raw = c.chat.completions.with_raw_response.create(
                     model="smol", messages=[{"role": "user", "content": "Say hi."}], max_tokens=16)
-                assert raw.headers["x-asgi-llm-route"] == f"node:{name}/smollm2"
+                assert raw.headers["x-asgi-llm-route"] == f"node:{name}@team-a/smollm2"
                 assert raw.parse().choices[0].message.content
                 stream = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Count to 3."}],
                                                    max_tokens=16, stream=True)

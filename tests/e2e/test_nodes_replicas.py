@@ -34,7 +34,7 @@ auth:
   pepper: "nodes-test-pepper-0123456789"
   keys: [{{key: "{TEAM_A}", org: team-a}}]
 stores: {{state: "{url}", ledger: "sqlite:///{tmp_path / 'shared.db'}"}}
-nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 2}}
+nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 2, allowed_networks: ["127.0.0.1/32"]}}
 routing: {{health: {{probe_interval_s: 0}}}}
 """)
     urls = []
@@ -58,7 +58,7 @@ class TestSharedLiveness:
                             model="chat", messages=[{"role": "user", "content": "hi"}])
                     except Exception:  # noqa: BLE001 - not yet: B has not adopted the node
                         return False
-                    return raw.headers["x-asgi-llm-route"] == "node:box-a/tiny-chat"
+                    return raw.headers["x-asgi-llm-route"] == "node:box-a@team-a/tiny-chat"
             wait_for(b_serves, 10, "replica B to route to the node heartbeating to replica A")
             nodes_b = admin(b, "GET", "/admin/nodes").json()["data"]
             assert [n["status"] for n in nodes_b if n["name"] == "box-a"] == ["online"]

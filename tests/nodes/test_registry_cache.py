@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from asgi_llm.nodes.consent import AcceptRule, accepts
+from asgi_llm.nodes.netpolicy import NetworkPolicy
 from asgi_llm.nodes.records import NodeRecord
-from asgi_llm.nodes.registry import NodeRegistry, _matches, node_provider
+from asgi_llm.nodes.registry import NodeRegistry, NodeTarget, _matches, node_provider
 from asgi_llm.nodes.selector import NodeSelector
 from asgi_llm.nodes.tunnel import TunnelConnection
 from asgi_llm.routing.router import Price, Target
@@ -50,16 +52,24 @@ def _record(i: int, **kw: Any) -> NodeRecord:
     return NodeRecord(**base)
 
 
+# team-b accepts team-a's shared nodes up to 0.5/1 USD per 1M; team-c accepts nobody's.
+CONSENTS = {"team-b": (AcceptRule("team-a", Decimal("0.5"), Decimal("1")),)}
+
+
 def _registry() -> tuple[NodeRegistry, _Clock]:
     clock = _Clock()
-    return NodeRegistry(_Store(), pepper=lambda: b"p" * 32, window_s=15.0, clock=clock), clock  # type: ignore[arg-type]
+    reg = NodeRegistry(_Store(), pepper=lambda: b"p" * 32, window_s=15.0, clock=clock,  # type: ignore[arg-type]
+                       policy=NetworkPolicy.from_config(["127.0.0.1/32"]), accept_shared=CONSENTS)
+    return reg, clock
 
 
 def _reference(reg: NodeRegistry, spec: NodeSelector, org: str) -> list[Target]:
     """The uncached scan (the registry's behaviour before caching)."""
     out: list[Target] = []
     for record in sorted(reg.records.values(), key=lambda r: r.name):
-        if not record.visible_to(org) or not _matches(spec.selector, record):
+        consented = org == record.org or (record.visible_to(org)
+                                          and accepts(CONSENTS.get(org, ()), record.org, record.price_decimal()))
+        if not consented or not _matches(spec.selector, record):
             continue
         if not any(m.get("id") == spec.model for m in record.models):
             continue
@@ -70,9 +80,10 @@ def _reference(reg: NodeRegistry, spec: NodeSelector, org: str) -> list[Target]:
         if owner is not None:
             price = Price(owner[0], owner[1])
         window = next((m.get("context_length") for m in record.models if m.get("id") == spec.model), None)
-        out.append(Target(provider=node_provider(record.name), model=spec.model, price=price, weight=spec.weight,
-                          context_window=spec.context_window or (window if isinstance(window, int) else None),
-                          prefill=spec.prefill, kind="node"))
+        out.append(NodeTarget(provider=node_provider(record.name, record.org), model=spec.model, price=price,
+                              weight=spec.weight,
+                              context_window=spec.context_window or (window if isinstance(window, int) else None),
+                              prefill=spec.prefill, kind="node", node=record.id))
     return out
 
 
@@ -99,7 +110,7 @@ class TestResolveCache:
         reg.heartbeat(r, load={}, agent_state="ready")
         first = reg.resolve(SPECS[0], _ctx("team-a"))
         first.clear()
-        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box1"]
+        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box1@team-a"]
 
     def test_node_goes_offline_without_any_event(self) -> None:
         """A node silent past the window drops out at once, cached or not."""
@@ -113,7 +124,7 @@ class TestResolveCache:
         clock.now += 5.0  # box1 exactly at the window edge: still online
         assert len(reg.resolve(SPECS[0], _ctx("team-a"))) == 2
         clock.now += 0.001
-        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box2"]
+        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box2@team-a"]
         clock.now += 10
         assert reg.resolve(SPECS[0], _ctx("team-a")) == []
 
@@ -127,7 +138,7 @@ class TestResolveCache:
         reg.put(reg.records["node_1"].with_(revoked_at=1.0))
         reg.put(reg.records["node_2"].with_(state="cordoned"))
         reg.heartbeat(reg.records["node_3"], load={}, agent_state="draining")
-        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box4"]
+        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box4@team-a"]
         _check(reg)
 
     @pytest.mark.anyio
@@ -141,10 +152,10 @@ class TestResolveCache:
             reg.heartbeat(_record(i), load={}, agent_state="ready")
         assert len(reg.resolve(SPECS[0], _ctx("team-a"))) == 2
         await reg.forget("node_1")
-        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box2"]
+        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-a"))] == ["node:box2@team-a"]
         store.rows[1] = store.rows[1].with_(shared_with=("team-b",))  # type: ignore[attr-defined]
         await reg.reload()
-        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-b"))] == ["node:box2"]
+        assert [t.provider for t in reg.resolve(SPECS[0], _ctx("team-b"))] == ["node:box2@team-a"]
         _check(reg)
         await reg.aclose()
         assert reg.resolve(SPECS[0], _ctx("team-a")) == []
@@ -195,13 +206,14 @@ class TestResolveCache:
         reg.put(r)
         reg.heartbeat(r, load={"queue_depth": 2.0, "kv_cache_usage": 0.5}, agent_state="ready")
         target = reg.resolve(SPECS[0], _ctx("team-a"))[0]
-        assert reg.extra_load(target) == 2.5 and reg.adapter("node:box1") is not None
+        assert reg.extra_load(target) == 2.5 and reg.adapter("node:box1@team-a") is not None
         renamed = r.with_(name="big")
         reg.put(renamed)
-        assert reg.extra_load(target) == 0.0 and reg.adapter("node:box1") is None
-        assert reg.by_name("big") == renamed and reg.by_name("box1") is None
-        assert reg.extra_load(Target("node:big", "m", kind="node")) == 2.5
-        assert reg.extra_load(Target("node:big", "m")) == 0.0  # not a node target
+        assert reg.extra_load(target) == 0.0 and reg.adapter("node:box1@team-a") is None
+        assert reg.by_name("big", "team-a") == renamed and reg.by_name("box1", "team-a") is None
+        assert reg.by_name("big", "team-b") is None  # names are per org
+        assert reg.extra_load(Target("node:big@team-a", "m", kind="node")) == 2.5
+        assert reg.extra_load(Target("node:big@team-a", "m")) == 0.0  # not a node target
         assert reg.adapter("openai") is None
 
     @pytest.mark.anyio
