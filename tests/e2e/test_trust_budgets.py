@@ -166,7 +166,7 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
         usage:
           flush_interval_s: 0.05
           prices: {{"ovr-p/gpt-4o-mini": {{input: 2, output: 4}}}}
-        nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 2.0}}
+        nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 2.0, allowed_networks: ["127.0.0.1/32"]}}
         routing: {{health: {{failure_threshold: 1000, probe_interval_s: 0}}}}
         """))
     try:

@@ -313,7 +313,7 @@ auth:
   pepper: "install-test-pepper-0123456789"
   keys: [{{key: "{TEAM_KEY}", org: team-a}}]
 stores: {{ledger: "sqlite:///{tmp / 'gw.db'}"}}
-nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 3}}
+nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 3, allowed_networks: ["127.0.0.1/32"]}}
 """)
         with gateway_process(recipe, name="install-gateway") as gw:
             yield gw.url, engine
@@ -359,8 +359,8 @@ class TestRenderedServiceRuns:
         assert set(env) == {TOKEN_ENV}
         ready = f"http://127.0.0.1:{port}/healthz"
         with managed_process(argv, ready_url=ready, env=env, name=f"agent-{flavour}", timeout=30):
-            assert self._chat_route(url) == f"node:{name}/tiny-chat"
+            assert self._chat_route(url) == f"node:{name}@team-a/tiny-chat"
         # The token is spent: the service restarts on the credential saved in its state dir.
         assert (tmp_path / "state dir" / "node.json").is_file()
         with managed_process(argv, ready_url=ready, env={TOKEN_ENV: ""}, name=f"agent-{flavour}-2", timeout=30):
-            assert self._chat_route(url) == f"node:{name}/tiny-chat"
+            assert self._chat_route(url) == f"node:{name}@team-a/tiny-chat"
