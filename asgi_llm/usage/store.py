@@ -2,8 +2,8 @@
 
 :class:`LedgerStore` is the seam; :class:`SQLLedgerStore` implements it on SQLite and
 PostgreSQL with SQLAlchemy Core (sync engine in worker threads, see
-:class:`~asgi_llm.stores.sql.SQLDatabase`). The schema is the Alembic revision
-``0002_ledger_audit``.
+:class:`~asgi_llm.stores.sql.SQLDatabase`). The schema is the Alembic revisions
+``0002_ledger_audit`` and ``0004_quarantine`` (``flags``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ ledger_table = sa.Table(
     sa.Column("cache_status", sa.String(16), nullable=False),
     sa.Column("prompt_hash", sa.String(64)),
     sa.Column("prompt_text", sa.Text()),
+    sa.Column("flags", sa.String(64)),  # 0004_quarantine: what records.bounded() changed
 )
 
 # The INSERT lists the derived columns first, then the ones copied from the row's fields
@@ -233,6 +234,7 @@ class SQLLedgerStore:
             sa.func.coalesce(sa.func.sum(sa.case((_T.outcome == "cache_hit", 1), else_=0)), 0).label("cache_hits"),
             sa.func.coalesce(sa.func.sum(sa.case((served, 0), else_=1)), 0).label("errors"),
             sa.func.coalesce(sa.func.sum(sa.case((_T.estimated, 1), else_=0)), 0).label("estimated_rows"),
+            sa.func.coalesce(sa.func.sum(sa.case((_T.flags.is_not(None), 1), else_=0)), 0).label("flagged_rows"),
         ]
         native_pct = self.db.dialect == "postgresql"
         if native_pct:
@@ -262,7 +264,7 @@ class SQLLedgerStore:
                 row = {g: r[g] for g in keys}
                 row.update({k: int(r[k]) for k in ("requests", "attempts", "prompt_tokens", "completion_tokens",
                                                    "cached_tokens", "reasoning_tokens", "cache_hits", "errors",
-                                                   "estimated_rows")})
+                                                   "estimated_rows", "flagged_rows")})
                 row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
                 row["cost_usd"] = _usd(r["cost_pico"])
                 row["saved_usd"] = _usd(r["saved_pico"])
