@@ -385,7 +385,9 @@ class BatchWriter(Generic[T]):
                         await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
                         delay = min(delay * 2, self.retry_max_s)
                         continue
-                    unknown = 0
+                    # ``unknown`` is not reset: once this batch has used its retries, an unknown
+                    # error bisects at once (a persistent one would otherwise sleep through
+                    # every sub-range of the bisection).
                     pending.pop()
                     if hi - lo > 1:
                         mid = (lo + hi) // 2

@@ -241,6 +241,32 @@ class TestQuarantine:
             await w.aclose()
         assert len(written) == 20 and kept == [] and w.stats["failures"] == 3
 
+    async def test_unknown_error_is_retried_a_few_times_then_bisected(self, tmp_path: Path) -> None:
+        """An error that says neither outage nor data: retried ``unknown_retries`` times, then
+        bisected without sleeping through every sub-range; the good rows are written."""
+        written: list[Any] = []
+        kept: list[QuarantineEntry] = []
+
+        async def sink(batch: Sequence[Any]) -> None:
+            if any(r.request_id == "req_40" for r in batch):
+                raise RuntimeError("something nobody classified")
+            written.extend(batch)
+
+        async def keep(entry: QuarantineEntry) -> None:
+            kept.append(entry)
+
+        w = writer(sink, tmp_path, quarantine=keep, retry_initial_s=0.2, retry_max_s=0.2)
+        async with anyio.create_task_group() as tg:
+            await w.start(tg)
+            for i in range(64):
+                w.put(row(i))
+            with anyio.fail_after(5):  # 3 retries of 0.1–0.3 s, then no more sleeps
+                assert await w.flush()
+            await w.aclose()
+        assert len(written) == 63 and len(kept) == 1
+        assert LedgerRow.from_json(kept[0].payload).request_id == "req_40"
+        assert w.stats["failures"] == 3 and w.stats["quarantined"] == 1
+
     async def test_quarantine_store_down_falls_back_to_a_file(self, tmp_path: Path) -> None:
         """When even the quarantine table refuses, the row goes to quarantine-<writer>-*.jsonl."""
         async def sink(batch: Sequence[Any]) -> None:
