@@ -371,3 +371,29 @@ class TestAuditChainAcrossQuarantine:
         assert result.ok and result.events == 15
         (entry,) = await quarantine.rows()
         assert entry["writer"] == "audit" and AuditEvent.from_json(entry["payload"]).event_id == refused.event_id
+
+
+class TestFlushEndpoint:
+    async def test_flush_answers_503_within_its_timeout_when_the_store_does_not_answer(self, tmp_path: Path) -> None:
+        """POST /admin/usage/flush?timeout_s=1 against a store that never answers: a
+        store_unavailable error after ~1 s (never a hang); the rows stay queued."""
+        from starlette.requests import Request
+
+        from asgi_llm.admin.usage import usage_routes
+
+        async def sink(batch: Sequence[Any]) -> None:
+            await anyio.sleep_forever()
+
+        w = writer(sink, tmp_path, flush_interval_s=60)
+        (route,) = [r for r in usage_routes(None, w) if r.path == "/admin/usage/flush"]  # type: ignore[arg-type]
+        scope = {"type": "http", "method": "POST", "path": "/admin/usage/flush", "query_string": b"timeout_s=1",
+                 "headers": []}
+        async with anyio.create_task_group() as tg:
+            await w.start(tg)
+            for i in range(5):
+                w.put(row(i))
+            with anyio.fail_after(5), pytest.raises(StoreError) as exc:
+                await route.endpoint(Request(scope))
+            assert "within 1 s" in exc.value.message and exc.value.status_code == 503
+            assert w.backlog == 5
+            tg.cancel_scope.cancel()
