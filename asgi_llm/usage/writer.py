@@ -470,11 +470,20 @@ class BatchWriter(Generic[T]):
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
                 self._spill_path = self.spill_dir / f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
                 self._spill = open(self._spill_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-            self._spill.write("".join(self.encode(i) + "\n" for i in items))
+            self._spill.write("".join(self._spill_line(i) + "\n" for i in items))
             self._spill.flush()
             self.stats["spilled"] += len(items)
         except OSError:
             log.exception("%s writer: cannot spill %d rows to %s — they are lost", self.name, len(items), self.spill_dir)
+
+    def _spill_line(self, item: T) -> str:
+        """The item's spill line; one that cannot be encoded is still written (as what
+        can be said about it), to be quarantined as unreadable when replayed."""
+        try:
+            line = self.encode(item)
+        except Exception as exc:  # noqa: BLE001 - never lose a row silently, never raise from put()
+            line = json.dumps({"unencodable": repr(item)[:PAYLOAD_MAX // 2], "error": repr(exc)[:300]})
+        return line.replace("\n", "\\n")  # one line per item, whatever encode() did
 
     def _close_spill(self) -> None:
         if self._spill is not None:

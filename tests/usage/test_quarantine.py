@@ -313,6 +313,37 @@ class TestQuarantine:
         (entry,) = await quarantine.rows()
         assert "unreadable spill line" in entry["error"] and entry["payload"].startswith('{"request_id": "torn')
 
+    async def test_a_row_that_cannot_be_encoded_is_spilled_and_quarantined_on_replay(self, tmp_path: Path) -> None:
+        """Spilling never raises from put()/aclose(): an item encode() refuses is spilled as
+        what can be said about it, and quarantined (not lost, not replayed) at the next start."""
+        def encode(r: LedgerRow) -> str:
+            if r.request_id == "req_2":
+                raise TypeError("cannot encode this one")
+            return r.to_json()
+
+        first = writer(lambda batch: anyio.sleep(0), tmp_path, encode=encode)
+        for i in range(4):
+            first.put(row(i))
+        await first.aclose()  # never started: everything is spilled
+        written: list[Any] = []
+        kept: list[QuarantineEntry] = []
+
+        async def sink(batch: Sequence[Any]) -> None:
+            written.extend(batch)
+
+        async def keep(entry: QuarantineEntry) -> None:
+            kept.append(entry)
+
+        second = writer(sink, tmp_path, quarantine=keep)
+        async with anyio.create_task_group() as tg:
+            await second.start(tg)
+            with anyio.fail_after(10):
+                while len(written) < 3 or not kept:
+                    await anyio.sleep(0.02)
+            await second.aclose()
+        assert sorted(r.request_id for r in written) == ["req_0", "req_1", "req_3"]
+        assert len(kept) == 1 and "cannot encode this one" in kept[0].payload
+
     async def test_bounded_flush_gives_up_and_loses_nothing(self, tmp_path: Path) -> None:
         """A store that does not answer: flush(timeout_s) returns False promptly, the rows stay
         queued, and are written once the store answers."""
