@@ -192,17 +192,18 @@ def bounded(row: LedgerRow) -> LedgerRow:
             setattr(row, name, nv)
             if name != "flags":
                 flags.add("truncated")
-    for v, name in zip(_token_values(row), _TOKENS, strict=True):
-        if type(v) is int and 0 <= v <= MAX_TOKENS:
-            continue
-        n, changed = bounded_int(v, 0, MAX_TOKENS)
-        if changed:
-            setattr(row, name, n)
-            flags.add("tokens_clamped")
-            row.estimated = True
+    p, c, k, r = tokens = _token_values(row)
+    if not (type(p) is int and type(c) is int and type(k) is int and type(r) is int  # noqa: E721 - bool is not a count
+            and 0 <= p <= MAX_TOKENS and 0 <= c <= MAX_TOKENS and 0 <= k <= MAX_TOKENS and 0 <= r <= MAX_TOKENS):
+        for v, name in zip(tokens, _TOKENS, strict=True):
+            n, changed = bounded_int(v, 0, MAX_TOKENS)
+            if changed:
+                setattr(row, name, n)
+                flags.add("tokens_clamped")
+                row.estimated = True
     for name in ("cost_usd", "saved_usd"):
         v = getattr(row, name)
-        if type(v) is Decimal and v.is_finite() and 0 <= v <= MAX_COST_USD:
+        if type(v) is Decimal and v.is_finite() and not v.is_signed() and v <= MAX_COST_USD:
             continue
         cost, invalid = _bounded_cost(v)
         setattr(row, name, cost)
