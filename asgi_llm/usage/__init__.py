@@ -4,8 +4,9 @@
 * :mod:`~asgi_llm.usage.pricing` — recipe prices, overrides, then ``genai-prices`` (offline).
 * :mod:`~asgi_llm.usage.estimate` — token estimates when an upstream reports no usage.
 * :mod:`~asgi_llm.usage.writer` — :class:`BatchWriter`: bounded queue, batched inserts,
-  retries, spill-to-disk, flush at shutdown.
+  retries, spill-to-disk, flush at shutdown; bisects a refused batch and quarantines the bad rows.
 * :mod:`~asgi_llm.usage.store` — :class:`SQLLedgerStore` (SQLite / PostgreSQL) and reports.
+* :mod:`~asgi_llm.usage.quarantine` — where the writers keep rows the database refused.
 """
 
 from __future__ import annotations
