@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from asgi_llm.usage.writer import QuarantineEntry
+from asgi_llm.usage.failures import QuarantineEntry
 
 if TYPE_CHECKING:
     from asgi_llm.stores.sql import SQLDatabase

@@ -46,7 +46,6 @@ were still in memory — at most ``flush_interval_s`` worth of traffic plus a ba
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -54,101 +53,19 @@ import random
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Generic, Literal, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from asgi_llm._bounds import bounded_text, clean_text
+from asgi_llm.usage.failures import PAYLOAD_MAX, QuarantineEntry, error_text, failure_kind
 
-__all__ = ["BatchWriter", "QuarantineEntry", "failure_kind"]
+__all__ = ["BatchWriter"]
 
 T = TypeVar("T")
 log = logging.getLogger("asgi_llm.usage.writer")
-
-PAYLOAD_MAX = 1_000_000
-"""The longest quarantined payload kept (characters); a longer one is cut and ends with ``…``."""
-_ERROR_MAX = 4000
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
-@dataclass(slots=True)
-class QuarantineEntry:
-    """One refused row: which writer, whose org, the row as JSON, and why (naive UTC ``ts``)."""
-
-    writer: str
-    org: str | None
-    payload: str
-    error: str
-    ts: dt.datetime = field(default_factory=_utcnow)
-
-    def bounded(self) -> QuarantineEntry:
-        """Every value storable (the entry must not be refused in turn); in place."""
-        self.writer = bounded_text(self.writer, 32, nullable=False)[0] or "?"
-        self.org = bounded_text(self.org, 200)[0] if isinstance(self.org, str) else None
-        self.payload = bounded_text(self.payload, PAYLOAD_MAX, nullable=False)[0] or ""
-        self.error = bounded_text(self.error, _ERROR_MAX, nullable=False)[0] or ""
-        return self
-
-    def to_api(self, entry_id: int | None = None) -> dict[str, Any]:
-        """JSON-ready, with its table ``id`` when it has one."""
-        return {"id": entry_id, "ts": self.ts.isoformat(timespec="microseconds"), "writer": self.writer,
-                "org": self.org, "error": self.error, "payload": self.payload}
-
-
-# What a failed batch says about itself. Names, not classes: SQLAlchemy and the drivers
-# are not imported here (the sinks map their errors to StoreError with the cause chained).
-_DATA_NAMES = frozenset({"DataError", "IntegrityError"})
-_OUTAGE_NAMES = frozenset({"OperationalError", "InterfaceError", "DisconnectionError", "ProgrammingError",
-                           "InternalError", "TimeoutError", "ConnectionError", "RedisError"})
-_DATA_TYPES = (ValueError, TypeError, ArithmeticError)  # UnicodeError, OverflowError, decimal errors
-
-
-def failure_kind(exc: BaseException) -> Literal["data", "outage", "unknown"]:
-    """Why a batch failed: ``data`` (the store refused these values: bisect and
-    quarantine), ``outage`` (the store is unreachable or locked: keep and retry), or
-    ``unknown``.
-
-    The exception and its causes are read from the outside in; the first one that says
-    which decides. A :class:`~asgi_llm.stores.StoreError` with no cause is an outage.
-    """
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        names = {t.__name__ for t in type(e).__mro__}
-        if names & _DATA_NAMES:
-            return "data"
-        if isinstance(e, OSError) or names & _OUTAGE_NAMES:
-            return "outage"
-        if isinstance(e, _DATA_TYPES):
-            return "data"
-        for nxt in (getattr(e, "orig", None), e.__cause__, e.__context__):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-    if "StoreError" in {t.__name__ for t in type(exc).__mro__}:
-        return "outage"
-    return "unknown"
-
-
-def _error_text(exc: BaseException) -> str:
-    """One line naming the error and its cause (never the SQL or its parameters)."""
-    first = (str(exc).strip().splitlines() or [""])[0][:1000]
-    text = f"{type(exc).__name__}: {first}"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None:
-        text += f" (from {type(cause).__module__}.{type(cause).__name__})"
-    return clean_text(text)
-
 
 class BatchWriter(Generic[T]):
     """A bounded, batching, retrying, spilling writer (a gateway ``Resource``).
@@ -394,7 +311,7 @@ class BatchWriter(Generic[T]):
                         pending += [(mid, hi), (lo, mid)]  # the left half first
                         self.stats["bisections"] += 1
                         continue
-                    error = _error_text(exc)
+                    error = error_text(exc)
                     await self._quarantine(batch[lo], error)
                     if self.substitute is not None and lo not in substituted:
                         sub = self._substitute(batch[lo], error)
@@ -522,7 +439,7 @@ class BatchWriter(Generic[T]):
                             item = self.decode(line)
                         except Exception as exc:  # noqa: BLE001 - a torn last line after a crash, or worse
                             await self._keep(QuarantineEntry(self.name, None, line,
-                                                             f"unreadable spill line in {path.name}: {_error_text(exc)}"))
+                                                             f"unreadable spill line in {path.name}: {error_text(exc)}"))
                             continue
                         batch.append(self._normalised(item) if self.normalise is not None else item)
                     if batch:

@@ -21,7 +21,8 @@ from asgi_llm.stores.sql import SQLDatabase
 from asgi_llm.usage.quarantine import SQLQuarantineStore
 from asgi_llm.usage.records import MAX_COST_USD, MAX_TOKENS, LedgerRow, bounded
 from asgi_llm.usage.store import SQLLedgerStore
-from asgi_llm.usage.writer import BatchWriter, QuarantineEntry, failure_kind
+from asgi_llm.usage.failures import QuarantineEntry, failure_kind
+from asgi_llm.usage.writer import BatchWriter
 
 pytestmark = pytest.mark.anyio
 
