@@ -33,7 +33,7 @@ from asgi_llm.context import Attempt, RequestContext, Usage
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.usage.estimate import ESTIMATORS, PromptEstimator, count_content_pieces, estimate_prompt_chars
-from asgi_llm.usage.pricing import Pricer
+from asgi_llm.usage.pricing import PriceQuote, Pricer
 from asgi_llm.usage.records import LedgerRow, bounded
 
 if TYPE_CHECKING:
@@ -190,8 +190,8 @@ class UsageMiddleware:
             else:
                 usage = Usage()
         target = self._target(ctx, a.route)
-        quote = self.pricer.quote(target_price=target.price if target is not None else None, route=a.route,
-                                  model=a.model, usage=usage, response_model=a.response_model, provider=a.provider)
+        quote = self._quote(target_price=target.price if target is not None else None, route=a.route,
+                            model=a.model, usage=usage, response_model=a.response_model, provider=a.provider)
         return LedgerRow(
             **base, route=a.route, provider=a.provider, upstream_model=a.model, attempt=a.number,
             node=_node(target, a.provider), response_model=a.response_model,
@@ -212,15 +212,26 @@ class UsageMiddleware:
         route = str(hit.get("route") or "")
         target = self._target(ctx, route)
         provider, _, upstream_model = route.partition("/")
-        quote = self.pricer.quote(target_price=target.price if target is not None else None, route=route,
-                                  model=target.model if target else upstream_model, usage=usage,
-                                  provider=target.provider if target else provider)
+        quote = self._quote(target_price=target.price if target is not None else None, route=route,
+                            model=target.model if target else upstream_model, usage=usage,
+                            provider=target.provider if target else provider)
         return LedgerRow(
             **base, route=route, provider=target.provider if target else provider,
             upstream_model=target.model if target else upstream_model, attempt=0, node=_node(target, provider),
             cost_usd=Decimal(0), saved_usd=quote.cost, price_source=quote.source,
             latency_ms=(time.perf_counter() - ctx.started_at) * 1000, status=200, outcome="cache_hit",
         )
+
+    def _quote(self, **kw: Any) -> PriceQuote:
+        """The pricer's quote; a price it cannot apply (``Infinity`` × 0 tokens is an
+        InvalidOperation) costs the row a NaN cost — kept as 0 and flagged ``cost_invalid``
+        by :func:`~asgi_llm.usage.records.bounded` — never the row itself."""
+        try:
+            return self.pricer.quote(**kw)
+        except (ArithmeticError, ValueError, TypeError) as exc:
+            log.warning("usage: could not price route %s (%s); the row is kept, its cost flagged invalid",
+                        kw.get("route"), type(exc).__name__)
+            return PriceQuote(Decimal("NaN"), "invalid")
 
     def _estimate_body(self, seen: _Seen) -> int:
         """Completion tokens of a non-streamed answer that came without usage."""

@@ -67,7 +67,8 @@ class LedgerRow:
 
     ``outcome``: ``ok`` | ``error`` | ``aborted`` (client gone / cancelled) | ``cache_hit``.
     ``estimated``: some token count was estimated (the upstream reported no usage).
-    ``price_source``: ``recipe`` | ``override`` | ``genai-prices`` | ``unpriced``.
+    ``price_source``: ``recipe`` | ``override`` | ``genai-prices`` | ``unpriced`` |
+    ``invalid`` (the price could not be applied; the row is flagged ``cost_invalid``).
     ``flags``: what :func:`bounded` had to change, comma-separated (``None``: nothing):
     ``truncated`` (text cut to its column or unstorable characters replaced),
     ``tokens_clamped`` (a token count out of ``[0, MAX_TOKENS]`` or not an integer; the
