@@ -293,7 +293,7 @@ class BatchWriter(Generic[T]):
                     await self.sink(batch if (lo == 0 and hi == n) else batch[lo:hi])
                 except Exception as exc:  # noqa: BLE001 - classified; the loop must survive anything
                     kind = failure_kind(exc)
-                    self.stats["last_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    self.stats["last_error"] = error_text(exc)[:300]  # no lone surrogate reaches a JSON answer
                     if kind == "outage" or (kind == "unknown" and unknown < self.unknown_retries):
                         unknown += kind == "unknown"
                         self.stats["failures"] += 1
