@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asgi_llm.admin._params import GLOBAL_ORG, org_scope, parse_time, wants_csv
-from asgi_llm.admin.usage import rows_to_csv
+from asgi_llm.admin.usage import FLUSH_TIMEOUT_S, rows_to_csv
 from asgi_llm.audit.store import SQLAuditStore
 from asgi_llm.context import get_context
 from asgi_llm.errors import InvalidRequestError, PermissionDeniedError
@@ -59,7 +59,7 @@ def audit_routes(store: SQLAuditStore, writer: BatchWriter[Any] | None = None) -
         if ctx is None or ctx.principal.org != GLOBAL_ORG:
             raise PermissionDeniedError("Verifying the audit chain needs a global admin key (org '*').")
         if writer is not None:
-            await writer.flush()
+            await writer.flush(timeout_s=FLUSH_TIMEOUT_S)  # bounded: a store that is out fails the verify below
         return JSONResponse({"object": "audit.verification", **(await store.verify()).to_api()})
 
     return [Route("/admin/audit", events, methods=["GET"]), Route("/admin/audit/verify", verify, methods=["GET"])]

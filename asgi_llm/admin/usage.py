@@ -5,13 +5,16 @@
   each row: the group columns, ``requests``, ``attempts``, ``prompt_tokens``,
   ``completion_tokens``, ``cached_tokens``, ``reasoning_tokens``, ``total_tokens``,
   ``cost_usd`` (decimal string), ``cache_hits``, ``saved_usd``, ``errors``,
-  ``estimated_rows``, ``p50_latency_ms``, ``p95_latency_ms``. CSV with ``format=csv`` or
+  ``estimated_rows``, ``flagged_rows`` (rows whose values had to be bounded to be stored),
+  ``p50_latency_ms``, ``p95_latency_ms``. CSV with ``format=csv`` or
   ``Accept: text/csv``.
 * ``GET /admin/usage/compare?[prompt_hash=…]`` — the same prompt over different routes:
   cost and latency side by side.
 * ``GET /admin/usage/top-prompts?by=cost|count&limit=10`` — the highest-impact inputs
   (prompt hashes; prompt text only for orgs that opted in).
-* ``POST /admin/usage/flush`` — write the queued rows now (tests, before a report).
+* ``POST /admin/usage/flush[?timeout_s=10]`` — write the queued rows now (tests, before a
+  report). Bounded: when the store does not take them within ``timeout_s`` (1–60, default
+  10) it answers 503 ``store_unavailable``; the rows stay queued.
 
 An admin key bound to one org sees only that org's rows.
 """
@@ -29,10 +32,14 @@ from starlette.routing import Route
 from asgi_llm.admin._params import org_scope, parse_time, wants_csv
 from asgi_llm.context import get_context
 from asgi_llm.errors import InvalidRequestError
+from asgi_llm.stores import StoreError
 from asgi_llm.usage.store import GROUPS, SQLLedgerStore
 from asgi_llm.usage.writer import BatchWriter
 
-__all__ = ["rows_to_csv", "usage_routes"]
+__all__ = ["FLUSH_TIMEOUT_S", "rows_to_csv", "usage_routes"]
+
+FLUSH_TIMEOUT_S = 10
+"""How long ``POST /admin/usage/flush`` (and the audit verification's flush) waits at most."""
 
 
 def rows_to_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -100,8 +107,11 @@ def usage_routes(store: SQLLedgerStore, writer: BatchWriter[Any] | None = None) 
         return _respond(request, "usage.top_prompts", rows, by=by)
 
     async def flush(request: Request) -> Response:
-        if writer is not None:
-            await writer.flush()
+        timeout_s = _int(request, "timeout_s", FLUSH_TIMEOUT_S, 60)
+        if writer is not None and not await writer.flush(timeout_s=timeout_s):
+            raise StoreError(f"The ledger store did not take the queued rows within {timeout_s} s "
+                             f"({writer.backlog} waiting; last error: {writer.stats['last_error']}). "
+                             "They stay queued and are retried; nothing is lost.")
         return JSONResponse({"object": "usage.flush", "backlog": writer.backlog if writer else 0})
 
     return [

@@ -16,6 +16,14 @@ rewrite the whole chain from the tampered event on, head included. Record the he
 
 Events carry no prompt content: who (org, actor key id), what (action, model, route),
 the verdict, status, attempts and request id.
+
+Every event is :func:`bounded` before it is queued (the audit writer's ``normalise``
+step), so the chain is computed over values the database stores exactly as hashed: an
+unauthenticated ``GET /admin/<450 characters>`` is recorded with its action cut to the
+column (ending in ``…``), not refused. Should the database still refuse an event, the
+writer quarantines it and appends a :func:`quarantine_placeholder` in its place: the
+chain records that an event was set aside, and has no gap (``seq`` and ``prev_hash``
+are assigned at insert, so a refused event never took a place in it).
 """
 
 from __future__ import annotations
@@ -28,14 +36,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from asgi_llm._bounds import bounded_int, bounded_text
 from asgi_llm._ids import new_id
 
-__all__ = ["GENESIS", "VERDICTS", "AuditEvent", "ChainBreak", "VerifyResult", "canonical", "event_hash", "verify_events"]
+__all__ = ["DETAIL_MAX", "GENESIS", "VERDICTS", "AuditEvent", "ChainBreak", "VerifyResult", "bounded", "canonical",
+           "event_hash", "quarantine_placeholder", "verify_events"]
 
 GENESIS = "0" * 64
 """The ``prev_hash`` of the first event."""
 
 VERDICTS = ("allowed", "failed_over", "rate_limited", "denied", "failed", "error")
+
+DETAIL_MAX = 8000
+"""The longest ``detail`` JSON text an event keeps; a longer one is replaced by its
+first characters under ``{"truncated": …}``."""
 
 # The json.dumps settings of ``detail`` and of the hashed content, as encoders built once
 # (json.dumps builds one per call); the output is the same.
@@ -54,7 +68,8 @@ def _now() -> dt.datetime:
 class AuditEvent:
     """One audited request. ``seq``/``prev_hash``/``hash`` are set when it is stored.
 
-    ``kind``: ``inference`` | ``admin`` | ``node``. ``action``: the endpoint for
+    ``kind``: ``inference`` | ``admin`` | ``node`` | ``quarantined`` (stands in for an event
+    the database refused, see :func:`quarantine_placeholder`). ``action``: the endpoint for
     inference (``chat``), ``METHOD /path`` for admin calls (``POST /admin/keys``).
     ``verdict``: allowed | failed_over | rate_limited | denied | failed | error.
     ``ts`` is naive UTC.
@@ -124,6 +139,65 @@ class AuditEvent:
         d["detail"] = self.detail
         d["hash"] = self.hash
         return d
+
+
+# (field, column length, nullable): the audit_events columns (tests pin them to the table).
+TEXT_LIMITS: tuple[tuple[str, int, bool], ...] = (
+    ("event_id", 64, False), ("kind", 16, False), ("org", 200, False), ("actor", 200, False),
+    ("action", 400, False), ("target", 400, True), ("model", 200, True), ("route", 400, True),
+    ("verdict", 32, False), ("request_id", 128, False),
+)
+_INT32 = 2**31 - 1
+
+
+def bounded(event: AuditEvent) -> AuditEvent:
+    """Make ``event`` storable as it is (in place; returned for chaining).
+
+    Text fits its column (cut with a trailing ``…``; NUL and lone surrogates replaced),
+    ``status``/``attempts`` fit a 32-bit column, ``detail`` is JSON-encodable and at most
+    :data:`DETAIL_MAX` characters, ``ts`` is a naive UTC datetime. Never raises.
+    """
+    for name, limit, nullable in TEXT_LIMITS:
+        v = getattr(event, name)
+        if v is None:
+            if nullable:
+                continue
+        elif type(v) is str and len(v) <= limit and v.isascii() and "\x00" not in v:
+            continue
+        nv, changed = bounded_text(v, limit, nullable=nullable)
+        if changed:
+            setattr(event, name, nv)
+    for name in ("status", "attempts"):
+        v = getattr(event, name)
+        if not (type(v) is int and -_INT32 <= v <= _INT32):
+            setattr(event, name, bounded_int(v, -_INT32 - 1, _INT32)[0])
+    if event.detail is not None:
+        try:
+            text = _DETAIL_ENCODER.encode(event.detail)
+        except Exception as exc:  # noqa: BLE001 - not JSON: keep what can be said about it
+            event.detail = {"unencodable": f"{type(exc).__name__}: {exc}"[:200]}
+        else:
+            if len(text) > DETAIL_MAX:
+                event.detail = {"truncated": bounded_text(text, DETAIL_MAX - 100)[0]}
+    if not isinstance(event.ts, dt.datetime):
+        event.ts = _now()
+    elif event.ts.tzinfo is not None:
+        event.ts = event.ts.astimezone(dt.UTC).replace(tzinfo=None)
+    return event
+
+
+def quarantine_placeholder(event: AuditEvent, error: str) -> AuditEvent:
+    """The event appended to the chain in place of one the database refused.
+
+    Its ``event_id`` derives from the refused one's, so a replayed batch does not append
+    it twice; it says who and what (bounded again), and why it stands in.
+    """
+    return bounded(AuditEvent(
+        kind="quarantined", org=event.org, actor=event.actor, action="quarantined", verdict="error",
+        status=event.status, request_id=event.request_id, target=event.event_id,
+        detail={"event_id": event.event_id, "kind": event.kind, "action": event.action, "error": error[:500]},
+        event_id=("q-" + str(event.event_id))[:64], ts=event.ts,
+    ))
 
 
 def canonical(content: dict[str, Any]) -> str:

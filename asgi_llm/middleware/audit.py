@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import ClientDisconnected
-from asgi_llm.audit.chain import AuditEvent
+from asgi_llm.audit.chain import AuditEvent, bounded, quarantine_placeholder
 from asgi_llm.context import RequestContext
 from asgi_llm.errors import GatewayError
 from asgi_llm.middleware.context import ensure_context
@@ -145,7 +145,8 @@ def build_audit_layer(parts: BuildParts) -> LayerFactory | None:
     from asgi_llm.middleware.usage import config_writer, shared_sql
 
     store = SQLAuditStore(shared_sql(parts))
-    writer = config_writer(parts, "audit", sink=store.append_many, encode=AuditEvent.to_json, decode=AuditEvent.from_json)
+    writer = config_writer(parts, "audit", sink=store.append_many, encode=AuditEvent.to_json, decode=AuditEvent.from_json,
+                           normalise=bounded, substitute=quarantine_placeholder)
     parts.extras["audit_store"] = store
     parts.extras["audit_writer"] = writer
     metrics = parts.extras.get("metrics")

@@ -33,7 +33,7 @@ from asgi_llm.context import Attempt, RequestContext, Usage
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.usage.accounting import Accountant, Charge, PromptEstimator, Pricer, Seen, count_content_pieces, estimate_prompt_chars
-from asgi_llm.usage.records import LedgerRow
+from asgi_llm.usage.records import LedgerRow, bounded
 
 if TYPE_CHECKING:
     from asgi_llm.observability.metrics import GatewayMetrics
@@ -154,8 +154,8 @@ class UsageMiddleware:
                 starts.append(charge.attempt.started_at)
         total = Decimal(0)
         for row, started in zip(rows, starts, strict=True):
+            self.sink(row)  # the ledger writer bounds the row in place: the cost below and the metrics see what is stored
             total += row.cost_usd
-            self.sink(row)
             if self.metrics is not None:
                 self.metrics.record_row(row)
             if self.tracer is not None and row.outcome != "cache_hit":
@@ -213,19 +213,36 @@ def default_spill_dir(ledger_url: str) -> Path:
     return Path(tempfile.gettempdir()) / "asgi-llm-spill" / hashlib.sha256(ledger_url.encode()).hexdigest()[:16]
 
 
-def config_writer(parts: BuildParts, name: str, *, sink: Any, encode: Any, decode: Any) -> Any:
+def config_writer(parts: BuildParts, name: str, *, sink: Any, encode: Any, decode: Any, normalise: Any = None,
+                  substitute: Any = None) -> Any:
     """A :class:`~asgi_llm.usage.writer.BatchWriter` with the recipe's ``usage:`` queue
-    settings, registered as a gateway resource (the ledger and the audit log share them)."""
+    settings, registered as a gateway resource (the ledger and the audit log share them).
+    Rows the database refuses go to the shared quarantine (:func:`shared_quarantine`)."""
     from asgi_llm.usage.writer import BatchWriter
 
     cfg = parts.config.usage
+    quarantine = shared_quarantine(parts)
     writer: BatchWriter[Any] = BatchWriter(
         name, sink=sink, encode=encode, decode=decode,
         spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
         batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
+        normalise=normalise, quarantine=quarantine.add, substitute=substitute,
     )
     parts.resources.append(writer)
+    parts.extras.setdefault("writers", []).append(writer)
     return writer
+
+
+def shared_quarantine(parts: BuildParts) -> Any:
+    """The quarantine store (on ``stores.ledger``), created once, with its admin route."""
+    store = parts.extras.get("quarantine_store")
+    if store is None:
+        from asgi_llm.admin.quarantine import quarantine_routes
+        from asgi_llm.usage.quarantine import SQLQuarantineStore
+
+        store = parts.extras["quarantine_store"] = SQLQuarantineStore(shared_sql(parts))
+        parts.admin_routes.extend(quarantine_routes(store, parts.extras.setdefault("writers", [])))
+    return store
 
 
 def shared_sql(parts: BuildParts) -> Any:
@@ -252,7 +269,8 @@ def build_usage_layer(parts: BuildParts) -> LayerFactory | None:
 
     db = shared_sql(parts)
     store = SQLLedgerStore(db)
-    writer = config_writer(parts, "ledger", sink=store.insert_many, encode=LedgerRow.to_json, decode=LedgerRow.from_json)
+    writer = config_writer(parts, "ledger", sink=store.insert_many, encode=LedgerRow.to_json, decode=LedgerRow.from_json,
+                           normalise=bounded)
     parts.extras["ledger_store"] = store
     parts.extras["ledger_writer"] = writer
     metrics, tracer = shared_observability(parts)

@@ -11,7 +11,9 @@ Per public model (``model``) and per target (``target`` = route):
   ``asgi_llm_cache_saved_usd_total{model}``
 * ``asgi_llm_attempt_duration_seconds{model,target}``, ``asgi_llm_ttft_seconds{model,target}`` (histograms)
 * ``asgi_llm_writer_backlog{writer}``, ``asgi_llm_writer_spilled_total{writer}``,
-  ``asgi_llm_writer_failures_total{writer}`` (the ledger/audit batch writers)
+  ``asgi_llm_writer_failures_total{writer}`` (the ledger/audit batch writers),
+  ``asgi_llm_quarantined_rows_total{writer}`` (rows the database refused, set aside:
+  see ``GET /admin/quarantine``)
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class GatewayMetrics:
         r.register(_WriterCollector(self._writers))
 
     def watch_writer(self, writer: BatchWriter[Any]) -> None:
-        """Export a batch writer's backlog, spills and failures."""
+        """Export a batch writer's backlog, spills, failures and quarantined rows."""
         self._writers.append(writer)
 
     def in_flight_child(self, endpoint: str) -> Any:
@@ -168,10 +170,14 @@ class _WriterCollector:
         backlog = GaugeMetricFamily("asgi_llm_writer_backlog", "Rows waiting in memory.", labels=["writer"])
         spilled = CounterMetricFamily("asgi_llm_writer_spilled", "Rows spilled to disk.", labels=["writer"])
         failures = CounterMetricFamily("asgi_llm_writer_failures", "Failed batch writes (retried).", labels=["writer"])
+        quarantined = CounterMetricFamily("asgi_llm_quarantined_rows",
+                                          "Rows the database refused, quarantined instead of retried.", labels=["writer"])
         for w in self.writers:
             backlog.add_metric([w.name], w.backlog)
             spilled.add_metric([w.name], w.stats["spilled"])
             failures.add_metric([w.name], w.stats["failures"])
+            quarantined.add_metric([w.name], w.stats.get("quarantined", 0))
         yield backlog
         yield spilled
         yield failures
+        yield quarantined

@@ -101,6 +101,10 @@ decremented.  Faults only apply to ``/v1/*`` paths (never to ``/health``,
     finish the stream (terminating chunk included) without ``data: [DONE]``.
 ``garbage``
     200 with ``content-type: text/html`` and body ``<html>oops</html>``.
+``misreport``
+    ``{"usage": {"prompt_tokens": 1180591620717411303424}, "model": "..."}``: answer
+    normally (streams too) but report that usage (merged over the true one) and/or that
+    ``model`` - a lying or broken upstream. The stats still bill what was generated.
 
 "Content chunks" are the per-word chunks (per-fragment for tool-call arguments
 and JSON mode).  Stream-only kinds never match non-streaming requests.
@@ -154,6 +158,7 @@ FAULT_KINDS = frozenset(
         "malformed",
         "no_done",
         "garbage",
+        "misreport",
     }
 )
 STREAM_ONLY_FAULTS = frozenset({"chunk_delay", "cut", "stall", "malformed", "no_done"})
@@ -322,10 +327,22 @@ class _Generation:
     include_usage: bool = False
     tool_call: tuple[str, str] | None = None  # (call id, function name)
     billed: bool = True
+    reported_usage: dict[str, Any] | None = None  # a ``misreport`` fault's usage
 
-    def usage(self, completion_tokens: int | None = None) -> dict[str, int]:
+    def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
         ct = self.completion_tokens if completion_tokens is None else completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": ct, "total_tokens": self.prompt_tokens + ct}
+        usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": ct,
+                                 "total_tokens": self.prompt_tokens + ct}
+        if self.reported_usage:
+            usage.update(self.reported_usage)
+        return usage
+
+    def misreport(self, options: dict[str, Any]) -> None:
+        """Report ``options["usage"]`` (merged) and/or ``options["model"]`` instead of the truth."""
+        if isinstance(options.get("usage"), dict):
+            self.reported_usage = dict(options["usage"])
+        if isinstance(options.get("model"), str):
+            self.model = options["model"]
 
     # -- non-streaming -------------------------------------------------------
     def body(self) -> bytes:
@@ -854,6 +871,10 @@ class FakeUpstream:
             return None
         self.by_model[model] += 1
         fault = self._take_fault(path, model, body, stream)
+        if fault is not None and fault.kind == "misreport":
+            if isinstance(answer, _Generation):
+                answer.misreport(fault.options)
+            fault = None
         if not stream:
             if fault is None:
                 conn.send(200, answer.body(), keep_alive=keep)

@@ -5,8 +5,10 @@
   ``genai-prices``, offline) and per-attempt charges: the one place money is computed,
   shared by the router, the quota layer and the ledger.
 * :mod:`~asgi_llm.usage.writer` — :class:`BatchWriter`: bounded queue, batched inserts,
-  retries, spill-to-disk, flush at shutdown.
+  retries, spill-to-disk, flush at shutdown; bisects a refused batch and quarantines the bad rows.
 * :mod:`~asgi_llm.usage.store` — :class:`SQLLedgerStore` (SQLite / PostgreSQL) and reports.
+* :mod:`~asgi_llm.usage.failures` — outage or data error; :class:`QuarantineEntry`.
+* :mod:`~asgi_llm.usage.quarantine` — where the writers keep rows the database refused.
 """
 
 from __future__ import annotations

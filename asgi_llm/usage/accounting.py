@@ -441,9 +441,19 @@ class Accountant:
     def quote(self, target: Target | None, usage: Usage | None, *, route: str, model: str, provider: str | None,
               response_model: str | None = None) -> PriceQuote:
         """The cost of ``usage`` on ``target`` (or on the route, when the target is unknown):
-        the target's own price (recipe, or a node owner's), else the sources after it."""
-        return self.pricer.quote(target_price=target.price if target is not None else None, route=route, model=model,
-                                 usage=usage, response_model=response_model, provider=provider)
+        the target's own price (recipe, or a node owner's), else the sources after it.
+
+        A price that cannot be applied (``Infinity`` × 0 tokens is an InvalidOperation)
+        quotes a NaN cost with source ``invalid``: the ledger keeps the row, its cost set to
+        0 and flagged ``cost_invalid`` by :func:`~asgi_llm.usage.records.bounded` — the row
+        itself is never lost."""
+        try:
+            return self.pricer.quote(target_price=target.price if target is not None else None, route=route,
+                                     model=model, usage=usage, response_model=response_model, provider=provider)
+        except (ArithmeticError, ValueError, TypeError) as exc:
+            logger.warning("usage: could not price route %s (%s); the row is kept, its cost flagged invalid",
+                        route, type(exc).__name__)
+            return PriceQuote(Decimal("NaN"), "invalid")
 
     def target_cost(self, target: Target, prompt: int, completion: int) -> PriceQuote:
         """The cost of ``prompt`` + ``completion`` tokens on ``target``."""
@@ -537,7 +547,9 @@ class Accountant:
             usage = self.attempt_usage(ctx, a, is_last=a is log[-1], seen=seen)
             target = self.find_target(ctx, a.route)
             q = self.quote(target, usage, route=a.route, model=a.model, provider=a.provider, response_model=a.response_model)
-            out.append(Charge(a, target, usage, q.cost, to_pico(q.cost), q.source))
+            # A cost that is not a finite number (a price that could not be applied) bills
+            # nothing here; the ledger keeps the row with cost 0, flagged cost_invalid.
+            out.append(Charge(a, target, usage, q.cost, to_pico(q.cost) if q.cost.is_finite() else 0, q.source))
         ctx.state[_CHARGES] = out
         return out
 

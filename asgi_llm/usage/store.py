@@ -2,8 +2,8 @@
 
 :class:`LedgerStore` is the seam; :class:`SQLLedgerStore` implements it on SQLite and
 PostgreSQL with SQLAlchemy Core (sync engine in worker threads, see
-:class:`~asgi_llm.stores.sql.SQLDatabase`). The schema is the Alembic revision
-``0002_ledger_audit``.
+:class:`~asgi_llm.stores.sql.SQLDatabase`). The schema is the Alembic revisions
+``0002_ledger_audit`` and ``0004_quarantine`` (``flags``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ ledger_table = sa.Table(
     sa.Column("cache_status", sa.String(16), nullable=False),
     sa.Column("prompt_hash", sa.String(64)),
     sa.Column("prompt_text", sa.Text()),
+    sa.Column("flags", sa.String(64)),  # 0004_quarantine: what records.bounded() changed
 )
 
 # The INSERT lists the derived columns first, then the ones copied from the row's fields
@@ -154,6 +155,35 @@ def _usd(pico: Any) -> str:
     return usd_text(from_pico(pico))
 
 
+_SPLIT = 10**6
+
+
+def _pico_sums(sqlite: bool, *names: str) -> list[Any]:
+    """Exact sums of pico columns that cannot overflow.
+
+    PostgreSQL sums BIGINT into NUMERIC. SQLite's ``sum()`` of integers raises "integer
+    overflow" past 2**63 — ten rows at the per-row cost cap — which would make every
+    report of an org fail: there each column is summed as its millions and its
+    remainder (``<name>_hi``, ``<name>_lo``), put together by :func:`_pico_total`.
+    """
+    cols: list[Any] = []
+    for name in names:
+        col = _T[name]
+        if sqlite:
+            cols.append(sa.func.coalesce(sa.func.sum(col // _SPLIT), 0).label(f"{name}_hi"))
+            cols.append(sa.func.coalesce(sa.func.sum(col % _SPLIT), 0).label(f"{name}_lo"))
+        else:
+            cols.append(sa.func.coalesce(sa.func.sum(col), 0).label(name))
+    return cols
+
+
+def _pico_total(r: Any, name: str) -> int:
+    """A sum selected by :func:`_pico_sums`, as one integer."""
+    if f"{name}_hi" in r:
+        return int(r[f"{name}_hi"]) * _SPLIT + int(r[f"{name}_lo"])
+    return int(r[name])
+
+
 class SQLLedgerStore:
     """The ledger on SQLite or PostgreSQL.
 
@@ -228,11 +258,11 @@ class SQLLedgerStore:
             sa.func.coalesce(sa.func.sum(_T.completion_tokens), 0).label("completion_tokens"),
             sa.func.coalesce(sa.func.sum(_T.cached_tokens), 0).label("cached_tokens"),
             sa.func.coalesce(sa.func.sum(_T.reasoning_tokens), 0).label("reasoning_tokens"),
-            sa.func.coalesce(sa.func.sum(_T.cost_pico), 0).label("cost_pico"),
-            sa.func.coalesce(sa.func.sum(_T.saved_pico), 0).label("saved_pico"),
+            *_pico_sums(self.db.dialect == "sqlite", "cost_pico", "saved_pico"),
             sa.func.coalesce(sa.func.sum(sa.case((_T.outcome == "cache_hit", 1), else_=0)), 0).label("cache_hits"),
             sa.func.coalesce(sa.func.sum(sa.case((served, 0), else_=1)), 0).label("errors"),
             sa.func.coalesce(sa.func.sum(sa.case((_T.estimated, 1), else_=0)), 0).label("estimated_rows"),
+            sa.func.coalesce(sa.func.sum(sa.case((_T.flags.is_not(None), 1), else_=0)), 0).label("flagged_rows"),
         ]
         native_pct = self.db.dialect == "postgresql"
         if native_pct:
@@ -262,10 +292,10 @@ class SQLLedgerStore:
                 row = {g: r[g] for g in keys}
                 row.update({k: int(r[k]) for k in ("requests", "attempts", "prompt_tokens", "completion_tokens",
                                                    "cached_tokens", "reasoning_tokens", "cache_hits", "errors",
-                                                   "estimated_rows")})
+                                                   "estimated_rows", "flagged_rows")})
                 row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
-                row["cost_usd"] = _usd(r["cost_pico"])
-                row["saved_usd"] = _usd(r["saved_pico"])
+                row["cost_usd"] = _usd(_pico_total(r, "cost_pico"))
+                row["saved_usd"] = _usd(_pico_total(r, "saved_pico"))
                 row["p50_latency_ms"] = None if r["p50"] is None else round(float(r["p50"]), 3)
                 row["p95_latency_ms"] = None if r["p95"] is None else round(float(r["p95"]), 3)
                 out.append(row)
@@ -288,7 +318,7 @@ class SQLLedgerStore:
                 sa.func.count().label("requests"),
                 sa.func.sum(_T.prompt_tokens).label("prompt_tokens"),
                 sa.func.sum(_T.completion_tokens).label("completion_tokens"),
-                sa.func.sum(_T.cost_pico).label("cost_pico"),
+                *_pico_sums(self.db.dialect == "sqlite", "cost_pico"),
                 sa.func.avg(_T.latency_ms).label("avg_latency_ms"),
                 sa.func.avg(_T.ttft_ms).label("avg_ttft_ms"),
             )
@@ -300,7 +330,7 @@ class SQLLedgerStore:
             by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for r in c.execute(q).mappings():
                 n = int(r["requests"])
-                cost = from_pico(r["cost_pico"])
+                cost = from_pico(_pico_total(r, "cost_pico"))
                 by_prompt[r["prompt_hash"]].append({
                     "prompt_hash": r["prompt_hash"], "route": r["route"], "model": r["model"], "requests": n,
                     "prompt_tokens": int(r["prompt_tokens"]), "completion_tokens": int(r["completion_tokens"]),
@@ -324,11 +354,13 @@ class SQLLedgerStore:
         """
         if by not in ("cost", "count"):
             raise ValueError("by must be 'cost' or 'count'")
-        cost = sa.func.sum(_T.cost_pico).label("cost_pico")
+        sqlite = self.db.dialect == "sqlite"
+        # Ordering by SQLite's float total() cannot overflow; the value shown is the exact sum.
+        cost = (sa.func.total(_T.cost_pico) if sqlite else sa.func.sum(_T.cost_pico)).label("cost_order")
         n = sa.func.count(sa.distinct(_T.request_id)).label("requests")
         q = (
             sa.select(
-                _T.prompt_hash, n, cost,
+                _T.prompt_hash, n, cost, *_pico_sums(sqlite, "cost_pico"),
                 sa.func.sum(_T.prompt_tokens + _T.completion_tokens).label("total_tokens"),
                 sa.func.count(sa.distinct(_T.model)).label("models"),
                 sa.func.max(_T.prompt_text).label("prompt_text"),
@@ -342,7 +374,7 @@ class SQLLedgerStore:
         def run(c: sa.Connection) -> list[dict[str, Any]]:
             out = []
             for r in c.execute(q).mappings():
-                row = {"prompt_hash": r["prompt_hash"], "requests": int(r["requests"]), "cost_usd": _usd(r["cost_pico"]),
+                row = {"prompt_hash": r["prompt_hash"], "requests": int(r["requests"]), "cost_usd": _usd(_pico_total(r, "cost_pico")),
                        "total_tokens": int(r["total_tokens"] or 0), "models": int(r["models"])}
                 if r["prompt_text"] is not None:
                     row["prompt_text"] = r["prompt_text"]

@@ -9,14 +9,31 @@ Limits and what happens when they are hit:
 * **queue full** (``queue_max`` rows waiting, e.g. the store has been down for a while):
   further rows are appended to a *spill file* (JSON lines) under ``spill_dir`` instead —
   the response is never blocked and no row is dropped. Memory stays bounded.
-* **store failure** (:class:`~asgi_llm.stores.StoreError` or any exception): the batch is
-  kept and retried with jittered exponential backoff (``retry_initial_s`` doubling to
-  ``retry_max_s``); rows keep queueing (then spilling) meanwhile.
+* **every row is normalised** (``normalise``, e.g. :func:`asgi_llm.usage.records.bounded`)
+  when it is queued and when it is replayed: its values fit their columns before the
+  database sees them.
+* **store outage** (the store unreachable: a connection, timeout or lock error): the
+  batch is kept and retried with jittered exponential backoff (``retry_initial_s``
+  doubling to ``retry_max_s``); rows keep queueing (then spilling) meanwhile. Nothing is
+  lost, nothing is set aside.
+* **data error** (the store is up but refuses the batch: ``DataError``,
+  ``IntegrityError``, a value the driver cannot convert — ``ValueError``,
+  ``OverflowError``, ``TypeError``…): the batch is **bisected** — halves are written on
+  their own, recursively — so the good rows are written and each refused row is
+  **quarantined** (``quarantine(entry)``: a SQL table; a JSON-lines file
+  ``quarantine-<name>-….jsonl`` in the spill dir if even that fails), never retried
+  forever and never blocking the rows behind it. ``substitute(row, error)`` may give a
+  row to write in its place (the audit chain's placeholder). An error that is neither is
+  retried a few times (``unknown_retries``), then handled as a data error.
 * **recovery**: once the queue is drained, spill files are claimed (renamed) and
   replayed in batches, then deleted. At start, spill files left by a previous process
   (a crash, a shutdown during an outage) are replayed the same way.
+  A spilled row is normalised, bisected and quarantined like a live one, and a line that
+  cannot be read is quarantined, not skipped.
 * **shutdown** (:meth:`aclose`): the queue is flushed for up to ``shutdown_timeout_s``;
   whatever could not be written by then is spilled, to be replayed on the next start.
+* **a bounded flush** (:meth:`flush` with ``timeout_s``) that runs out of time puts the
+  rows it had taken back at the head of the queue: a cancelled write loses nothing.
 
 Replays and retries can repeat a row (a batch whose commit succeeded but whose
 acknowledgement was lost); sinks must be idempotent (the ledger inserts with
@@ -29,6 +46,7 @@ were still in memory — at most ``flush_interval_s`` worth of traffic plus a ba
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -42,20 +60,28 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
+from asgi_llm.usage.failures import PAYLOAD_MAX, QuarantineEntry, error_text, failure_kind
+
 __all__ = ["BatchWriter"]
 
 T = TypeVar("T")
 log = logging.getLogger("asgi_llm.usage.writer")
-
 
 class BatchWriter(Generic[T]):
     """A bounded, batching, retrying, spilling writer (a gateway ``Resource``).
 
     Args:
         name: names the spill files (``ledger``, ``audit``) and the log lines.
-        sink: ``await sink(batch)`` writes one batch; raises to have it retried.
-        encode/decode: one item ↔ one line of JSON (for the spill file).
+        sink: ``await sink(batch)`` writes one batch; raises to have it retried (an
+            outage) or bisected (a data error, see :func:`failure_kind`).
+        encode/decode: one item ↔ one line of JSON (for the spill and quarantine files).
         spill_dir: where spill files live; created when first needed.
+        normalise: makes an item storable (in place or a new one); applied by
+            :meth:`put` and to replayed items.
+        quarantine: ``await quarantine(entry)`` keeps a refused item (else, or when it
+            fails, a ``quarantine-<name>-….jsonl`` file in ``spill_dir``).
+        substitute: ``substitute(item, error)`` → an item to write in a quarantined
+            one's place, or ``None``.
 
     Example:
         >>> writer = BatchWriter("ledger", sink=store.insert_many, encode=LedgerRow.to_json,
@@ -79,6 +105,11 @@ class BatchWriter(Generic[T]):
         shutdown_timeout_s: float = 10.0,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
+        normalise: Callable[[T], T] | None = None,
+        quarantine: Callable[[QuarantineEntry], Awaitable[None]] | None = None,
+        substitute: Callable[[T, str], T | None] | None = None,
+        unknown_retries: int = 3,
+        quarantine_timeout_s: float = 10.0,
     ) -> None:
         self.name = name
         self.sink = sink
@@ -91,6 +122,11 @@ class BatchWriter(Generic[T]):
         self.shutdown_timeout_s = shutdown_timeout_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.normalise = normalise
+        self.quarantine = quarantine
+        self.substitute = substitute
+        self.unknown_retries = unknown_retries
+        self.quarantine_timeout_s = quarantine_timeout_s
         self._queue: deque[T] = deque()
         self._inflight: list[T] = []
         self._wake = anyio.Event()
@@ -104,12 +140,15 @@ class BatchWriter(Generic[T]):
         self._spill: IO[str] | None = None
         self._spill_path: Path | None = None
         self.stats: dict[str, Any] = {"queued": 0, "written": 0, "batches": 0, "failures": 0, "spilled": 0,
-                                      "replayed": 0, "last_error": None}
+                                      "replayed": 0, "bisections": 0, "quarantined": 0, "quarantined_to_file": 0,
+                                      "last_error": None}
 
     # ------------------------------------------------------------------ hot path
     def put(self, item: T) -> None:
-        """Queue one item. Synchronous; never blocks; spills when the queue is full."""
+        """Queue one item, normalised. Synchronous; never blocks; spills when the queue is full."""
         self.stats["queued"] += 1
+        if self.normalise is not None:
+            item = self._normalised(item)
         if self._closed or len(self._queue) >= self.queue_max:
             self._spill_items([item])
             return
@@ -155,10 +194,24 @@ class BatchWriter(Generic[T]):
         self._close_spill()
         self._done = None
 
-    async def flush(self) -> None:
-        """Write everything queued now, including a batch being written (tests, admin)."""
-        async with self._write_lock:
-            await self._write_queued(None)
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Write everything queued now, including a batch being written (tests, admin).
+
+        With ``timeout_s``, gives up after that long (the store unreachable): the rows
+        stay queued, nothing is lost. Returns whether everything was written.
+        """
+        with anyio.move_on_after(timeout_s) as scope:
+            async with self._write_lock:
+                await self._write_queued(None)
+        return not scope.cancelled_caught
+
+    def _normalised(self, item: T) -> T:
+        assert self.normalise is not None
+        try:
+            return self.normalise(item)
+        except Exception:  # noqa: BLE001 - queue it as it is: the database decides, bisection quarantines
+            log.exception("%s writer: could not normalise a row; queued as it is", self.name)
+            return item
 
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
@@ -167,22 +220,32 @@ class BatchWriter(Generic[T]):
         try:
             with anyio.CancelScope() as scope:
                 self._scope = scope
-                await self._replay_spills()
+                await self._guarded(self._replay_spills)
                 while True:
                     with anyio.move_on_after(self.flush_interval_s):
                         await self._wake.wait()
                     self._wake = anyio.Event()
-                    async with self._write_lock:
-                        # Stopping: everything, so nothing is left to spill.
-                        await self._write_queued(None if self._stopping else len(self._queue))
+                    # Stopping: everything, so nothing is left to spill.
+                    await self._guarded(self._write_now, None if self._stopping else len(self._queue))
                     if self._stopping:
                         break
-                    await self._replay_spills()
-        except Exception:  # pragma: no cover - the loop must never take the gateway down
-            log.exception("%s writer loop crashed; queued rows will be spilled at shutdown", self.name)
+                    await self._guarded(self._replay_spills)
         finally:
             self._scope = None
             done.set()
+
+    async def _write_now(self, limit: int | None) -> None:
+        async with self._write_lock:
+            await self._write_queued(limit)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one step of the loop; an unexpected error is logged and the loop goes on
+        (a loop that died would leave every later row to the shutdown spill)."""
+        try:
+            await fn(*args)
+        except Exception:  # noqa: BLE001 - the loop must never stop
+            log.exception("%s writer: unexpected error; the writer carries on", self.name)
+            await anyio.sleep(self.retry_max_s)
 
     async def _write_queued(self, limit: int | None) -> None:
         """Write the first ``limit`` queued rows in batches (``None``: until the queue is
@@ -207,24 +270,113 @@ class BatchWriter(Generic[T]):
         self._inflight = batch
         return batch
 
-    async def _write(self, batch: list[T]) -> None:
-        """Write one batch, retrying with backoff until it is written (or we are cancelled)."""
+    async def _write(self, batch: list[T], *, requeue: bool = True) -> None:
+        """Write one batch: retried while the store is out, bisected on a data error.
+
+        Ranges of the batch are written left to right (a stack of ``(lo, hi)``), so the
+        rows not yet written are always ``batch[done:]``: that is ``_inflight`` (spilled
+        at shutdown), and what goes back to the head of the queue if this is cancelled
+        (``requeue``; a replayed batch is still in its spill file instead).
+        """
+        n = len(batch)
+        if requeue:
+            self._inflight = batch
+        pending = [(0, n)]
+        substituted: set[int] = set()
         delay = self.retry_initial_s
-        while True:
-            try:
-                await self.sink(batch)
-            except Exception as exc:  # noqa: BLE001 - retried; the loop must survive anything
-                self.stats["failures"] += 1
-                self.stats["last_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if self.stats["failures"] == 1 or self.stats["failures"] % 50 == 0:
-                    log.warning("%s writer: batch of %d failed (%s); retrying", self.name, len(batch), exc)
-                await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
-                delay = min(delay * 2, self.retry_max_s)
-                continue
-            self.stats["written"] += len(batch)
+        unknown = 0
+        done = 0
+        try:
+            while pending:
+                lo, hi = pending[-1]
+                try:
+                    await self.sink(batch if (lo == 0 and hi == n) else batch[lo:hi])
+                except Exception as exc:  # noqa: BLE001 - classified; the loop must survive anything
+                    kind = failure_kind(exc)
+                    self.stats["last_error"] = error_text(exc)[:300]  # no lone surrogate reaches a JSON answer
+                    if kind == "outage" or (kind == "unknown" and unknown < self.unknown_retries):
+                        unknown += kind == "unknown"
+                        self.stats["failures"] += 1
+                        if self.stats["failures"] == 1 or self.stats["failures"] % 50 == 0:
+                            log.warning("%s writer: batch of %d failed (%s); retrying", self.name, hi - lo, exc)
+                        await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
+                        delay = min(delay * 2, self.retry_max_s)
+                        continue
+                    # ``unknown`` is not reset: once this batch has used its retries, an unknown
+                    # error bisects at once (a persistent one would otherwise sleep through
+                    # every sub-range of the bisection).
+                    pending.pop()
+                    if hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        pending += [(mid, hi), (lo, mid)]  # the left half first
+                        self.stats["bisections"] += 1
+                        continue
+                    error = error_text(exc)
+                    await self._quarantine(batch[lo], error)
+                    if self.substitute is not None and lo not in substituted:
+                        sub = self._substitute(batch[lo], error)
+                        if sub is not None:
+                            batch[lo] = sub
+                            substituted.add(lo)
+                            pending.append((lo, hi))
+                            continue
+                else:
+                    pending.pop()
+                    delay = self.retry_initial_s
+                    self.stats["written"] += hi - lo
+                done = hi
+                if requeue:
+                    self._inflight = batch[done:]
             self.stats["batches"] += 1
+        except BaseException:
+            if requeue:  # cancelled (shutdown, a bounded flush): back to the head of the queue
+                self._queue.extendleft(reversed(batch[done:]))
+                self._inflight = []
+            raise
+        if requeue:
             self._inflight = []
-            return
+
+    def _substitute(self, item: T, error: str) -> T | None:
+        assert self.substitute is not None
+        try:
+            return self.substitute(item, error)
+        except Exception:  # noqa: BLE001 - no stand-in then; the row is quarantined all the same
+            log.exception("%s writer: could not build a stand-in for a quarantined row", self.name)
+            return None
+
+    # ------------------------------------------------------------------ quarantine
+    async def _quarantine(self, item: T, error: str) -> None:
+        try:
+            payload = self.encode(item)
+        except Exception as exc:  # noqa: BLE001 - keep what can be kept
+            payload = json.dumps({"unencodable": repr(item)[:PAYLOAD_MAX // 2], "error": repr(exc)[:300]})
+        org = getattr(item, "org", None)
+        await self._keep(QuarantineEntry(self.name, org if isinstance(org, str) else None, payload, error))
+
+    async def _keep(self, entry: QuarantineEntry) -> None:
+        """Quarantine one entry: the SQL table, else a JSON-lines file. Never raises."""
+        entry.bounded()
+        self.stats["quarantined"] += 1
+        log.error("%s writer: quarantined a row the database refused (org %s): %s", self.name, entry.org, entry.error)
+        if self.quarantine is not None:
+            try:
+                with anyio.fail_after(self.quarantine_timeout_s):
+                    await self.quarantine(entry)
+                return
+            except Exception as exc:  # noqa: BLE001 - the file below keeps it
+                log.warning("%s writer: could not store a quarantined row (%s); writing it to %s",
+                            self.name, exc, self.spill_dir)
+        line = json.dumps({"writer": entry.writer, "org": entry.org, "ts": entry.ts.isoformat(),
+                           "error": entry.error, "payload": entry.payload})
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"quarantine-{self.name}-{os.getpid()}.jsonl"
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+            self.stats["quarantined_to_file"] += 1
+        except OSError:
+            log.exception("%s writer: cannot write quarantined row to %s — logged here only: %s",
+                          self.name, self.spill_dir, line[:2000])
 
     # ------------------------------------------------------------------ spill files
     def _spill_items(self, items: list[T]) -> None:
@@ -235,11 +387,20 @@ class BatchWriter(Generic[T]):
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
                 self._spill_path = self.spill_dir / f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
                 self._spill = open(self._spill_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-            self._spill.write("".join(self.encode(i) + "\n" for i in items))
+            self._spill.write("".join(self._spill_line(i) + "\n" for i in items))
             self._spill.flush()
             self.stats["spilled"] += len(items)
         except OSError:
             log.exception("%s writer: cannot spill %d rows to %s — they are lost", self.name, len(items), self.spill_dir)
+
+    def _spill_line(self, item: T) -> str:
+        """The item's spill line; one that cannot be encoded is still written (as what
+        can be said about it), to be quarantined as unreadable when replayed."""
+        try:
+            line = self.encode(item)
+        except Exception as exc:  # noqa: BLE001 - never lose a row silently, never raise from put()
+            line = json.dumps({"unencodable": repr(item)[:PAYLOAD_MAX // 2], "error": repr(exc)[:300]})
+        return line.replace("\n", "\\n")  # one line per item, whatever encode() did
 
     def _close_spill(self) -> None:
         if self._spill is not None:
@@ -267,7 +428,7 @@ class BatchWriter(Generic[T]):
         if not self.spill_dir.is_dir() or not any(self.spill_dir.glob(f"{self.name}-*")):
             return
         for path in await anyio.to_thread.run_sync(self._claim_spills):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 while True:
                     lines = await anyio.to_thread.run_sync(_read_lines, f, self.batch_size)
                     if not lines:
@@ -275,14 +436,18 @@ class BatchWriter(Generic[T]):
                     batch = []
                     for line in lines:
                         try:
-                            batch.append(self.decode(line))
-                        except Exception:  # noqa: BLE001 - a torn last line after a crash
-                            log.warning("%s writer: skipped an unreadable line in %s", self.name, path)
+                            item = self.decode(line)
+                        except Exception as exc:  # noqa: BLE001 - a torn last line after a crash, or worse
+                            await self._keep(QuarantineEntry(self.name, None, line,
+                                                             f"unreadable spill line in {path.name}: {error_text(exc)}"))
+                            continue
+                        batch.append(self._normalised(item) if self.normalise is not None else item)
                     if batch:
-                        self._inflight = batch
-                        await self._write(batch)
+                        async with self._write_lock:
+                            await self._write(batch, requeue=False)
                         self.stats["replayed"] += len(batch)
-                    await self._write_queued(len(self._queue))  # live rows do not wait for a long replay
+                    async with self._write_lock:
+                        await self._write_queued(len(self._queue))  # live rows do not wait for a long replay
             path.unlink(missing_ok=True)
             log.info("%s writer: replayed spill file %s", self.name, path.name)
 

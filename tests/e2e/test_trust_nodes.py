@@ -491,7 +491,9 @@ class TestNumbers:
             admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke")
 
     def test_absurd_usage_is_clamped_for_accounting(self, gw: GatewayHandle, tmp_path: Path) -> None:
-        """A node reporting prompt_tokens = 2**70 is accounted at most 10M tokens; the ledger row lands."""
+        """A node reporting prompt_tokens = 2**70 is accounted at what the request can hold
+        (the accounting's plausibility bound: body bytes + 256, far under the node cap of 10M
+        tokens); the ledger row lands."""
         with AbsurdEngine() as engine, agent(gw.url, engine.url, tmp_path / "absurd", token=token(gw.url, "org-a"),
                                              name="absurd"):
             node_id = node_by_name(gw.url, "absurd", "org-a")["id"]
@@ -506,6 +508,6 @@ class TestNumbers:
                 wait_for(lambda: row() is not None, 10, "the node's ledger row")
                 got = row()
                 assert got is not None and got["requests"] == 1
-                assert got["prompt_tokens"] == 10_000_000 and got["completion_tokens"] == 0
+                assert 0 < got["prompt_tokens"] < 1_000 and got["completion_tokens"] == 0
             finally:
                 admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke")

@@ -262,3 +262,22 @@ async def test_sqlite_ledger_survives_trio_and_asyncio(gw: Gateway, upstream_a: 
     rs = await rows(gw)
     assert len(rs) == 3 and totals(rs) == billed(upstream_a)
 
+
+async def test_a_price_that_cannot_be_applied_keeps_the_row(anyio_backend: str) -> None:
+    """An Infinity price times zero cached tokens is a Decimal InvalidOperation: it used to
+    drop every row of the request (unmetered traffic). The row is kept, its cost 0 and
+    flagged, its tokens recorded."""
+    from asgi_llm.context import Usage
+    from asgi_llm.middleware.usage import UsageMiddleware
+    from asgi_llm.routing.router import Price, Target
+    from asgi_llm.usage.records import LedgerRow, bounded
+
+    mw = UsageMiddleware(None, sink=lambda row: None)  # type: ignore[arg-type]
+    target = Target("node:n", model="m", price=Price(Decimal("Infinity"), Decimal("Infinity")))
+    quote = mw.accountant.quote(target, Usage(prompt_tokens=10, completion_tokens=5), route="node:n/m", model="m",
+                                provider="node:n")
+    assert quote.cost.is_nan() and quote.source == "invalid"
+    r = bounded(LedgerRow(request_id="r", org="o", key_id="k", model="m", route="node:n/m", provider="node:n",
+                          upstream_model="m", prompt_tokens=10, completion_tokens=5, cost_usd=quote.cost,
+                          price_source=quote.source))
+    assert (r.cost_usd, r.flags, r.prompt_tokens) == (0, "cost_invalid", 10)

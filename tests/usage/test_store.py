@@ -153,6 +153,22 @@ class TestReport:
         by_count = await store.top_prompts(by="count", limit=1)
         assert by_count == [{"prompt_hash": "cheap", "requests": 2, "cost_usd": "0.002", "total_tokens": 30, "models": 1}]
 
+    async def test_sums_of_capped_costs_do_not_overflow(self, store: SQLLedgerStore) -> None:
+        """Twenty rows at the per-row cost cap sum past 2**63 pico-dollars: SQLite's integer
+        sum() would raise "integer overflow" and fail every report; the sums stay exact."""
+        from asgi_llm.usage.records import MAX_COST_USD
+
+        await store.insert_many([row(request_id=f"z{i}", prompt_hash="p", route="a/m" if i % 2 else "b/n",
+                                     cost_usd=MAX_COST_USD, saved_usd=MAX_COST_USD) for i in range(20)]
+                                + [row(request_id="z99", prompt_hash="q", cost_usd=Decimal("0.000000000001"))])
+        (total,) = await store.report(group_by=[])
+        assert Decimal(total["cost_usd"]) == 20 * MAX_COST_USD + Decimal("1e-12")
+        assert Decimal(total["saved_usd"]) == 20 * MAX_COST_USD
+        assert [p["prompt_hash"] for p in await store.top_prompts(by="cost")] == ["p", "q"]
+        assert Decimal((await store.top_prompts(by="cost"))[0]["cost_usd"]) == 20 * MAX_COST_USD
+        cmp = await store.compare_routes()
+        assert {c["route"]: Decimal(c["cost_usd"]) for c in cmp} == {"a/m": 10 * MAX_COST_USD, "b/n": 10 * MAX_COST_USD}
+
 
 def test_percentile_matches_percentile_cont() -> None:
     """Linear interpolation, as PostgreSQL's percentile_cont."""

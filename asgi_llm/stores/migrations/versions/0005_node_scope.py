@@ -6,8 +6,6 @@
   price (JSON rules, see ``asgi_llm.nodes.consent``).
 * Stored node URLs lose any ``user:password@`` (the gateway never needed them: it
   authenticates to agents with the call secret) and any query string or fragment.
-
-The lead re-chains ``down_revision`` after the newest revision at merge time.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_node_scope"
-down_revision = "0003_nodes"
+down_revision = "0004_quarantine"
 branch_labels = None
 depends_on = None
 
