@@ -98,3 +98,30 @@ class TestWarm:
             assert isinstance(inner, AiohttpTransport if anyio_backend == "asyncio" else HttpxTransport)
             opened = inner._session if isinstance(inner, AiohttpTransport) else inner._client
             assert opened is not None
+
+
+class TestNoSecretsInErrors:
+    async def test_connection_error_names_the_url_redacted(self, anyio_backend: str) -> None:
+        """Credentials and query strings of the URL never reach the message (both transports)."""
+        url = f"http://bob:hunter2-secret@127.0.0.1:{free_port()}/v1/models?key=q-secret-123"
+        for t in transports(anyio_backend):
+            try:
+                with pytest.raises(UpstreamConnectionError) as info:
+                    await t.send("GET", url, headers={}, body=None)
+                message = str(info.value)
+                assert "hunter2" not in message and "q-secret" not in message and "bob" not in message
+                assert "127.0.0.1" in message and "?***" in message
+            finally:
+                await t.aclose()
+
+    async def test_credentials_next_to_a_key_header_are_ours_not_a_500(self, anyio_backend: str) -> None:
+        """aiohttp refuses URL credentials next to an Authorization header with a bare
+        ValueError: mapped at the seam (and redacted) like any other failure."""
+        url = f"http://bob:hunter2-secret@127.0.0.1:{free_port()}/v1/models"
+        for t in transports(anyio_backend):
+            try:
+                with pytest.raises(UpstreamError) as info:
+                    await t.send("GET", url, headers=HEADERS, body=None)
+                assert "hunter2" not in str(info.value)
+            finally:
+                await t.aclose()
