@@ -251,25 +251,27 @@ async def _drain(iterator: AsyncIterator[bytes]) -> None:
 async def read_limited(response: UpstreamResponse, limit: int, target: str, *, truncate: bool = False) -> bytes:
     """The whole body of ``response``, at most ``limit`` bytes.
 
-    A declared ``Content-Length`` over the limit is refused before reading. Past the
-    limit: :class:`UpstreamProtocolError`, or with ``truncate`` the first ``limit``
-    bytes (for error bodies, of which only a message is wanted).
+    A declared ``Content-Length`` over the limit is refused before reading; responses
+    with ``read_at_most`` (both transports) stop reading at the limit; others are read
+    whole and then checked. Past the limit: :class:`UpstreamProtocolError`, or with
+    ``truncate`` an empty body (for error bodies, of which only a message is wanted).
     """
-    declared = response.headers.get("content-length") if response.headers else None
-    if declared is not None and declared.isdigit() and int(declared) > limit and not truncate:
+    headers = response.headers
+    declared = headers.get("content-length") if headers else None
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raw: bytes | None = None
+    else:
+        read_at_most = getattr(response, "read_at_most", None)
+        if read_at_most is not None:
+            raw = await read_at_most(limit)
+        else:
+            raw = await response.read()
+            raw = raw if len(raw) <= limit else None
+    if raw is None:
+        if truncate:
+            return b""
         raise _too_large(target, limit)
-    parts: list[bytes] = []
-    total = 0
-    async with contextlib.aclosing(response.iter_chunks()) as chunks:  # type: ignore[type-var]
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > limit:
-                if not truncate:
-                    raise _too_large(target, limit)
-                parts.append(chunk[: len(chunk) - (total - limit)])
-                break
-            parts.append(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return raw
 
 
 def _too_large(target: str, limit: int) -> UpstreamProtocolError:

@@ -52,6 +52,11 @@ class UpstreamResponse(Protocol):
         """Read the whole body (non-streaming calls)."""
         ...
 
+    # Optional: ``async def read_at_most(self, limit: int) -> bytes | None`` — the whole
+    # body, or ``None`` (having stopped reading) once it passes ``limit`` bytes. Both
+    # transports here have it; :func:`asgi_llm.providers.base.read_limited` uses it when
+    # present, so an upstream's oversized answer is never held whole.
+
     def iter_chunks(self) -> AsyncIterator[bytes]:
         """Yield body bytes as they arrive, in pieces of any size (streams)."""
         ...
@@ -82,6 +87,19 @@ class UpstreamTransport(Protocol):
     async def aclose(self) -> None:
         """Close the pool. Safe to call twice, and before first use."""
         ...
+
+
+async def _collect(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
+    """Join ``chunks`` up to ``limit`` bytes; ``None`` (and stop iterating) past it."""
+    parts: list[bytes] = []
+    total = 0
+    async with contextlib.aclosing(chunks) as it:  # type: ignore[type-var]
+        async for chunk in it:
+            total += len(chunk)
+            if total > limit:
+                return None
+            parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # --------------------------------------------------------------------------- aiohttp
@@ -133,6 +151,10 @@ class _AiohttpResponse:
             data = await self._resp.read()
         self._done = True
         return data
+
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
+        return await _collect(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         with _map_aiohttp_errors(self._url):
@@ -236,6 +258,10 @@ class _HttpxResponse:
             data = await self._resp.aread()
         self._done = True
         return data
+
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
+        return await _collect(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         # Iterate the raw stream's own generator and close it explicitly when we stop
