@@ -125,3 +125,21 @@ class TestNoSecretsInErrors:
                 assert "hunter2" not in str(info.value)
             finally:
                 await t.aclose()
+
+
+class TestBoundedRead:
+    async def test_read_at_most_stops_at_the_limit(self, anyio_backend: str, upstream_a: FakeUpstreamHandle) -> None:
+        """A 3 MiB body: None under a 1 MiB limit (the connection dropped), whole under 8 MiB."""
+        for t in transports(anyio_backend):
+            try:
+                for limit, whole in ((1 << 20, False), (8 << 20, True)):
+                    upstream_a.add_faults({"kind": "huge", "size": 3 << 20})
+                    resp = await t.send("POST", upstream_a.base_url + "/chat/completions", headers=HEADERS,
+                                        body=BODY.replace(b',"stream":true', b""))
+                    data = await resp.read_at_most(limit)  # type: ignore[attr-defined]
+                    await resp.aclose()
+                    assert (data is not None) is whole
+                    if whole:
+                        assert len(data) == 3 << 20 and data.startswith(b'{"pad":"')
+            finally:
+                await t.aclose()
