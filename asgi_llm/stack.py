@@ -6,7 +6,9 @@ The fixed order, outermost first::
         → GatewayEndpoints → DispatchApp → ProviderAdapter
 
 Layers in brackets join as they are built; a recipe or a caller may drop layers
-(``exclude=``) but never reorder them. :class:`Gateway` is the resulting ASGI app: it
+(``exclude=``) but never reorder them. With an auth layer, the request body is read
+just inside it (:class:`~asgi_llm.middleware.context.LoadBody`): layers outside see
+the headers only, so nothing is buffered or parsed for an unauthenticated caller. :class:`Gateway` is the resulting ASGI app: it
 answers ``lifespan`` itself (opening and closing connection pools), and
 :func:`gateway_lifespan` does the same for host apps that mount it, since mounted
 sub-apps get no lifespan events.

@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from asgi_llm.admin._params import org_scope
 from asgi_llm.context import RequestContext, new_request_id
 from asgi_llm.errors import GatewayError, InvalidRequestError
 from asgi_llm.routing.router import Router, estimate_tokens, estimated_cost
-from asgi_llm.admin._params import org_scope
 from asgi_llm.schemas import parse_json, validate_payload
 
 __all__ = ["explain_route"]
