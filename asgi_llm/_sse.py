@@ -4,7 +4,9 @@ The parser follows the WHATWG event-stream rules that matter for LLM APIs: lines
 in ``\\n``, ``\\r\\n`` or ``\\r``; ``data:`` lines of one event are joined with ``\\n``;
 ``event:`` names the event (Anthropic uses it); lines starting with ``:`` are comments
 (keep-alives); an empty line dispatches the event. Bytes arrive in arbitrary pieces, so
-it keeps the unfinished tail between feeds. It never decodes JSON: callers decide.
+it keeps the unfinished tail between feeds — bounded by ``max_event_bytes``, and
+scanned once (an event arriving in many pieces costs linear, not quadratic, time). It
+never decodes JSON: callers decide.
 """
 
 from __future__ import annotations
@@ -13,9 +15,25 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DONE", "SSEEvent", "SSEParser", "encode_data", "encode_event", "encode_json"]
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "DONE",
+    "SSEEvent",
+    "SSEEventTooLarge",
+    "SSEParser",
+    "encode_data",
+    "encode_event",
+    "encode_json",
+]
 
 DONE = b"data: [DONE]\n\n"
+
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+"""Largest event :class:`SSEParser` buffers by default (LLM stream events are < 1 KiB)."""
+
+
+class SSEEventTooLarge(ValueError):
+    """An event grew past the parser's ``max_event_bytes`` before it was complete."""
 
 
 @dataclass(slots=True)
@@ -50,6 +68,10 @@ def encode_event(event: str, obj: Any) -> bytes:
 class SSEParser:
     """Feed bytes, get complete events.
 
+    Args:
+        max_event_bytes: an unfinished event growing past this raises
+            :class:`SSEEventTooLarge` (``None``: unbounded).
+
     Example:
         >>> p = SSEParser()
         >>> p.feed(b'data: {"a"')
@@ -58,11 +80,13 @@ class SSEParser:
         ['{"a": 1}']
     """
 
-    __slots__ = ("_buf", "_skip_lf")
+    __slots__ = ("_buf", "_scanned", "_skip_lf", "max_event_bytes")
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, *, max_event_bytes: int | None = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already searched for an event end
         self._skip_lf = False
+        self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Add bytes; return every event completed by them, in order."""
@@ -75,25 +99,40 @@ class SSEParser:
             # Rare in practice (OpenAI-compatible servers use \n); normalise this piece.
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._buf + chunk if self._buf else chunk
+        if not self._buf:
+            buf: bytes | bytearray = chunk  # the common case: no tail kept, no copy
+            scan_from = 0
+        else:
+            self._buf += chunk
+            buf = self._buf
+            scan_from = max(self._scanned - 1, 0)  # an end may straddle the old tail
         events: list[SSEEvent] = []
         start = 0
         while True:
-            end = buf.find(b"\n\n", start)
+            end = buf.find(b"\n\n", max(start, scan_from))
             if end < 0:
                 break
-            block = buf[start:end]
+            block = bytes(buf[start:end])
             start = end + 2
             event = _parse_block(block)
             if event is not None:
                 events.append(event)
-        self._buf = buf[start:]
+        rest = len(buf) - start
+        if self.max_event_bytes is not None and rest > self.max_event_bytes:
+            self._buf = bytearray()
+            self._scanned = 0
+            raise SSEEventTooLarge(f"a stream event exceeded {self.max_event_bytes} bytes")
+        if buf is self._buf:
+            del self._buf[:start]
+        else:
+            self._buf = bytearray(buf[start:])
+        self._scanned = rest
         return events
 
     @property
     def pending(self) -> bytes:
         """Bytes received that do not yet form a complete event (non-empty at EOF = cut stream)."""
-        return self._buf
+        return bytes(self._buf)
 
 
 def _parse_block(block: bytes) -> SSEEvent | None:

@@ -72,13 +72,17 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     access_log: Annotated[bool, typer.Option(help="uvicorn access log.")] = False,
 ) -> None:
-    """Serve a recipe with uvicorn (uvloop + httptools)."""
+    """Serve a recipe with uvicorn (uvloop + httptools), with the recipe's connection
+    limits (``server.header_timeout_s``, ``max_header_bytes``, ``max_headers``)."""
     import uvicorn
+
+    from asgi_llm._server import raise_fd_limit, serve_options
 
     path = (config or default_recipe()).resolve()
     if config is None:
         typer.echo(f"asgi-llm: no --config, serving {path}", err=True)
     gateway = _load(path)  # validate before forking workers: fail fast, with the key's path
+    raise_fd_limit()  # every connection is a descriptor: use what the system allows (workers inherit it)
     if workers > 1 and gateway.extras.get("state_url", "memory://").startswith("memory://"):
         typer.echo(
             f"asgi-llm: warning: {workers} workers with stores.state memory:// — each worker enforces its own "
@@ -87,6 +91,7 @@ def serve(
         )
     opts = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop="auto", http="auto",
                 timeout_graceful_shutdown=30)
+    opts.update(serve_options(gateway.server_config))
     if workers == 1:
         gateway.tune_gc = True  # the process is ours
         uvicorn.run(gateway, lifespan="on", **opts)  # type: ignore[arg-type]

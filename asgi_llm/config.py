@@ -157,6 +157,10 @@ class ProviderConfig(BaseModel):
     idle_timeout_s: float = Field(30, gt=0, description="streams: max silence between chunks, seconds")
     max_connections: int = Field(256, ge=1, description="connection pool size for this provider")
     headers: dict[str, str] = Field(default_factory=dict, description="extra static headers sent upstream")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest whole (non-stream) response accepted from it, bytes"
+    )
+    max_event_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest single stream event accepted, bytes")
 
     @field_validator("base_url")
     @classmethod
@@ -172,6 +176,19 @@ class ProviderConfig(BaseModel):
             raise ValueError(problem) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(problem)
+        if parts.username is not None or parts.password is not None:
+            # Refused rather than turned into a header: the gateway presents provider keys
+            # itself (api_keys), and a URL is logged, listed and shown in errors where a
+            # header is not. Saying so at load time beats a 500 on every request.
+            raise ValueError(
+                "must not contain credentials (user:password@); put the key in api_keys, "
+                "or an Authorization header in headers"
+            )
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            raise ValueError(
+                "must not have a query string or fragment (request paths are appended to it); "
+                "send such parameters in headers"
+            )
         return value.rstrip("/")
 
 
@@ -355,6 +372,26 @@ class ServerConfig(BaseModel):
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(600, gt=0, description="whole request, including failover, seconds")
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="request-body bytes one process holds at once; past it 503 + Retry-After "
+                    "(measured: a held body costs ~5x its size in RSS while its request runs)",
+    )
+    body_read_timeout_s: float = Field(60, gt=0, description="a request body must arrive within this, seconds (else 408)")
+    header_timeout_s: float = Field(
+        10, gt=0, description="`asgi-llm serve`: a connection must send complete request headers within this, seconds"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="`asgi-llm serve`: request line + headers larger than this get 431"
+    )
+    max_headers: int = Field(100, ge=8, description="`asgi-llm serve`: more request headers than this get 431")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> ServerConfig:
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise _Problems([(("max_inflight_body_bytes",),
+                              "must be at least max_body_bytes, or no largest body could ever be accepted")])
+        return self
 
 
 class UsageConfig(BaseModel):

@@ -13,6 +13,7 @@ The tree::
     GatewayError                       500 server_error
     ├── InvalidRequestError            400 invalid_request_error
     │   ├── BodyTooLargeError          413
+    │   ├── RequestTimeoutError        408 request_timeout (the client sent its body too slowly)
     │   ├── ModelNotFoundError         404 model_not_found
     │   ├── NotFoundError              404 not_found
     │   └── MethodNotAllowedError      405 method_not_allowed
@@ -43,6 +44,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RequestTimeoutError",
     "ServiceUnavailableError",
     "UpstreamConnectionError",
     "UpstreamError",
@@ -107,6 +109,13 @@ class BodyTooLargeError(InvalidRequestError):
 
     status_code = 413
     code = "request_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """The client did not finish sending its request body within ``server.body_read_timeout_s``."""
+
+    status_code = 408
+    code = "request_timeout"
 
 
 class ModelNotFoundError(InvalidRequestError):

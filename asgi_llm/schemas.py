@@ -9,6 +9,9 @@ forwarded JSON is built from the parsed dict.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
@@ -19,6 +22,8 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "EmbeddingRequest",
+    "MAX_JSON_DEPTH",
+    "parse_json",
     "validate_payload",
 ]
 
@@ -122,3 +127,118 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out or "body"
+
+
+# ------------------------------------------------------------------ safe JSON parsing
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects/arrays accepted in a JSON body (OpenAI requests need < 20)."""
+
+_INT_LIMIT = 2**63
+"""Integers must fit a signed 64-bit value: what every upstream and store can hold."""
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _may_hold_surrogates(raw: bytes | str) -> bool:
+    """Cheap pre-check: only bodies with a ``\\uD8xx``-style escape (or, for bytes, a
+    UTF-8 lead byte of that range) can decode to a surrogate, so only they need every
+    string checked."""
+    if isinstance(raw, str):
+        return True
+    return b"\\ud" in raw or b"\\uD" in raw or b"\xed" in raw
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite("a number too large to represent")
+    return value
+
+
+class _NonFinite(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def parse_json(raw: bytes | str, *, what: str = "The request body") -> Any:
+    """Parse a client's JSON, refusing what the parser accepts but nothing downstream can use.
+
+    Every refusal is an OpenAI-shaped 400 (``invalid_json``) naming the problem:
+    invalid JSON; ``NaN``/``Infinity``/``-Infinity`` (not JSON, though Python's parser
+    takes them); numbers that overflow (``1e999``) or integers past 64 bits; lone UTF-16
+    surrogates (``"\\ud800"``: they cannot be encoded to send upstream or store); nesting
+    deeper than :data:`MAX_JSON_DEPTH` (which would otherwise exhaust the stack —
+    here or in any layer that walks the payload).
+    """
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFinite as exc:
+        if exc.name.startswith("a number"):
+            message = f"{what} contains {exc.name}; send a finite number."
+        else:
+            message = f"{what} contains {exc.name}, which is not valid JSON; send a finite number or null."
+        raise InvalidRequestError(message, code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequestError(
+            f"{what} is nested too deeply; at most {MAX_JSON_DEPTH} levels of objects and arrays are accepted.",
+            code="invalid_json",
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        detail = str(exc)
+        if "integer string conversion" in detail:
+            detail = "a number has too many digits"
+        raise InvalidRequestError(f"{what} is not valid JSON: {detail}.", code="invalid_json") from None
+    _check_tree(value, what, strings=_may_hold_surrogates(raw))
+    return value
+
+
+def _check_tree(value: Any, what: str, *, strings: bool) -> None:
+    """Depth and integer range (always) and lone surrogates (when ``strings``), iteratively."""
+    _check_scalar(value, what, strings)
+    if not isinstance(value, dict | list):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequestError(
+                f"{what} is nested too deeply; at most {MAX_JSON_DEPTH} levels of objects and arrays are accepted.",
+                code="invalid_json",
+            )
+        if type(node) is dict:
+            if strings:
+                for key in node:
+                    _check_scalar(key, what, strings)
+            items = node.values()
+        else:
+            items = node
+        for item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append((item, depth + 1))
+            elif kind is int:
+                if not -_INT_LIMIT <= item < _INT_LIMIT:
+                    _check_scalar(item, what, strings)
+            elif strings and kind is str:
+                _check_scalar(item, what, strings)
+
+
+def _check_scalar(item: Any, what: str, strings: bool) -> None:
+    kind = type(item)
+    if kind is str:
+        if strings and _SURROGATE.search(item) is not None:
+            raise InvalidRequestError(
+                f"{what} contains a lone UTF-16 surrogate (such as \\ud800) in a string; "
+                "send valid Unicode text (surrogates must come in pairs).",
+                code="invalid_json",
+            )
+    elif kind is int and not -_INT_LIMIT <= item < _INT_LIMIT:
+        raise InvalidRequestError(
+            f"{what} contains an integer outside the 64-bit range; send a smaller number.", code="invalid_json"
+        )

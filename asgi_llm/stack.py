@@ -6,7 +6,9 @@ The fixed order, outermost first::
         → GatewayEndpoints → DispatchApp → ProviderAdapter
 
 Layers in brackets join as they are built; a recipe or a caller may drop layers
-(``exclude=``) but never reorder them. :class:`Gateway` is the resulting ASGI app: it
+(``exclude=``) but never reorder them. With an auth layer, the request body is read
+just inside it (:class:`~asgi_llm.middleware.context.LoadBody`): layers outside see
+the headers only, so nothing is buffered or parsed for an unauthenticated caller. :class:`Gateway` is the resulting ASGI app: it
 answers ``lifespan`` itself (opening and closing connection pools), and
 :func:`gateway_lifespan` does the same for host apps that mount it, since mounted
 sub-apps get no lifespan events.
@@ -30,7 +32,13 @@ from asgi_llm.endpoints import GatewayEndpoints, ReadinessCheck
 from asgi_llm.middleware.audit import build_audit_layer
 from asgi_llm.middleware.auth import build_auth_layer
 from asgi_llm.middleware.cache import build_cache_layer
-from asgi_llm.middleware.context import DEFAULT_MAX_BODY_BYTES, ContextMiddleware
+from asgi_llm.middleware.context import (
+    DEFAULT_BODY_READ_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INFLIGHT_BODY_BYTES,
+    ContextMiddleware,
+    LoadBody,
+)
 from asgi_llm.middleware.errors import ErrorMiddleware
 from asgi_llm.middleware.quota import build_quota_layer
 from asgi_llm.middleware.usage import build_usage_layer
@@ -106,6 +114,8 @@ class Gateway:
         self.resources = list(resources)
         self.extras: dict[str, Any] = dict(extras or {})
         self._stack: contextlib.AsyncExitStack | None = None
+        self.server_config: Any = None
+        """The recipe's ``server`` section (``asgi-llm serve`` reads its connection limits)."""
         self.tune_gc = False
         """Set by ``asgi-llm serve``, which owns its process: see :func:`tune_gc_for_serving`."""
 
@@ -213,6 +223,8 @@ def compose(
     resources: Sequence[Resource] = (),
     readiness: Sequence[ReadinessCheck] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_read_timeout_s: float | None = DEFAULT_BODY_READ_TIMEOUT_S,
+    max_inflight_body_bytes: int | None = DEFAULT_MAX_INFLIGHT_BODY_BYTES,
     exclude: Collection[str] = (),
     extras: Mapping[str, Any] | None = None,
     admin_routes: Sequence[BaseRoute] = (),
@@ -236,8 +248,12 @@ def compose(
     app: ASGIApp = GatewayEndpoints(inference=inference, router=router, readiness=readiness, admin=admin)
     for name in reversed(LAYERS[2:]):
         if name in layers and name not in exclude:
-            app = layers[name](app)
-    app = ContextMiddleware(app, max_body_bytes=max_body_bytes)
+            # Inside auth (whichever layer that is), the body is read: not before.
+            app = layers[name](LoadBody(app) if name == "auth" else app)
+    # With an auth layer, no inference body is read before the key is accepted.
+    app = ContextMiddleware(app, max_body_bytes=max_body_bytes, body_read_timeout_s=body_read_timeout_s,
+                            max_inflight_body_bytes=max_inflight_body_bytes,
+                            hold_body_for_auth="auth" in layers and "auth" not in exclude)
     app = ErrorMiddleware(app)
     return Gateway(app, providers=providers, router=router, resources=resources, extras=extras)
 
@@ -308,7 +324,8 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
     )
     providers: dict[str, ProviderAdapter] = {}
     for name, p in config.providers.items():
-        timeouts = Timeouts(connect=p.connect_timeout_s, attempt=p.timeout_s, ttft=p.ttft_timeout_s, idle=p.idle_timeout_s)
+        timeouts = Timeouts(connect=p.connect_timeout_s, attempt=p.timeout_s, ttft=p.ttft_timeout_s, idle=p.idle_timeout_s,
+                            max_response_bytes=p.max_response_bytes, max_event_bytes=p.max_event_bytes)
         adapter_cls = AnthropicAdapter if p.kind == "anthropic" else OpenAIAdapter
         providers[name] = adapter_cls(
             name,
@@ -354,17 +371,21 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
     from asgi_llm.nodes.build import build_nodes
 
     build_nodes(parts)  # BYOI nodes: registry, /nodes + /admin/nodes routes, router hooks
-    return compose(
+    gateway = compose(
         providers=parts.providers,
         router=parts.router,
         layers=layers,
         resources=parts.resources,
         readiness=parts.readiness,
         max_body_bytes=config.server.max_body_bytes,
+        body_read_timeout_s=config.server.body_read_timeout_s,
+        max_inflight_body_bytes=config.server.max_inflight_body_bytes,
         exclude=exclude,
         extras=parts.extras,
         admin_routes=parts.admin_routes,
         node_routes=parts.node_routes,
         health=health,
     )
+    gateway.server_config = config.server
+    return gateway
 

@@ -249,6 +249,13 @@ def full_recipe(mock: str, workdir: Path, *, targets: int = 2, models: int = 1, 
                                 "limits": {"rpm": big, "tpm": big}} for i in range(keys)]}
     if nodes:
         recipe["auth"]["admin_keys"] = [ADMIN_KEY]
+        # The nodes point at the local mock, and their owner org shares them with the
+        # client orgs, which must consent (the gateway's default refuses both).
+        recipe["nodes"] = {
+            "allowed_networks": ["127.0.0.1/32"],
+            "accept_shared": {f"org-{i}": [{"owner": "bench-nodes", "max_price": {"input": 1000, "output": 1000}}]
+                              for i in range(min(keys, 10))},
+        }
     recipe["limits"] = {"org": {"rpm": big, "tpm": big}}
     recipe["cache"] = {"enabled": True, "ttl_s": 300}
     dropped: list[str] = []

@@ -80,3 +80,43 @@ class TestEncode:
         framed = encode_data("a\nb")
         assert framed == b"data: a\ndata: b\n\n"
         assert SSEParser().feed(framed)[0].data == "a\nb"
+
+
+class TestEventLimit:
+    def test_event_past_the_limit_is_refused(self) -> None:
+        """An unfinished event growing past max_event_bytes raises; smaller ones pass."""
+        from asgi_llm._sse import SSEEventTooLarge
+
+        p = SSEParser(max_event_bytes=1024)
+        assert [e.data for e in p.feed(b"data: " + b"a" * 1000 + b"\n\n")] == ["a" * 1000]
+        p.feed(b"data: " + b"b" * 600)
+        try:
+            p.feed(b"b" * 600)
+        except SSEEventTooLarge:
+            pass
+        else:
+            raise AssertionError("a 1,206-byte event passed a 1,024-byte limit")
+
+    def test_many_small_pieces_cost_linear_time(self) -> None:
+        """A 16 MB event in 4 KiB pieces: the tail is scanned once, not once per piece
+        (the old parser, copying its tail on every feed, took 88 s for this)."""
+        import time
+
+        p = SSEParser(max_event_bytes=32 * 1024 * 1024)
+        piece = b"x" * 4096
+        t0 = time.perf_counter()
+        p.feed(b"data: ")
+        for _ in range(4096):
+            assert p.feed(piece) == []
+        events = p.feed(b"\n\n")
+        assert len(events) == 1 and len(events[0].data) == 4096 * 4096
+        assert time.perf_counter() - t0 < 10.0
+
+    @given(st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+    def test_split_anywhere_with_crlf_and_limit(self, cuts: list[int]) -> None:
+        """Events split at any point (\\r\\n endings included) parse the same, under a limit."""
+        data = b"data: one\r\n\r\n: keep-alive\n\nevent: e\ndata: two\ndata: 2\n\ndata: three\r\r"
+        p = SSEParser(max_event_bytes=64)
+        out = [e.data for part in _split(data, cuts) for e in p.feed(part)]
+        assert out == ["one", "two\n2", "three"]
+        assert p.pending == b""

@@ -11,6 +11,11 @@ The key comes from ``Authorization: Bearer <key>`` (OpenAI's SDKs) or ``x-api-ke
 | ``/nodes/...`` | a key with the ``node`` scope, or a credential the node routes check themselves |
 | anything else (a host app's own routes) | untouched |
 
+The key is checked from the headers alone: no byte of an inference body is read before
+it is accepted (the body is then read, parsed and validated by
+:func:`~asgi_llm.middleware.context.ensure_body`), so an unauthenticated caller cannot
+make the gateway buffer or parse anything.
+
 Missing, malformed, unknown, expired and revoked keys are 401s in OpenAI's shape; a
 key without the scope an endpoint needs is a 403. A model outside the key's allow-list
 is a 404 ``model_not_found`` word for word like a model that is not configured, so a
@@ -25,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm._asgi import get_header
 from asgi_llm.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.middleware.context import ensure_body, ensure_context
 
 if TYPE_CHECKING:
     from asgi_llm.auth.keyring import KeyRing
@@ -89,7 +94,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx, receive = await ensure_context(scope, receive)
+        ctx, receive = await ensure_context(scope, receive, body=False)
         endpoint = ctx.endpoint
         if endpoint in ("health", "other"):
             await self.app(scope, receive, send)
@@ -120,10 +125,11 @@ class AuthMiddleware:
             raise PermissionDeniedError(
                 "This key cannot be used for inference (it lacks the 'inference' scope); use an inference key."
             )
-        elif ctx.is_inference and ctx.model is not None and not principal.allows_model(ctx.model):
-            ctx.principal = principal
-            raise model_not_found(ctx.model)
         ctx.principal = principal
+        if ctx.is_inference:
+            receive = await ensure_body(scope, receive)  # only now: the key is good
+            if ctx.model is not None and not principal.allows_model(ctx.model):
+                raise model_not_found(ctx.model)
         await self.app(scope, receive, send)
 
 

@@ -104,7 +104,9 @@ class ObservabilityMiddleware:
                 self.tracer.finish_request(span, ctx, status, error)  # type: ignore[union-attr]
                 span_cm.__exit__(None, None, None)
             if self._log is not None:
-                self._log.info("request", status=status, org=ctx.principal.org,
+                # model passed explicitly: with auth on, the body (and so the model) is read
+                # only after this layer bound its log context.
+                self._log.info("request", status=status, model=ctx.model, org=ctx.principal.org,
                                route=ctx.target.route if ctx.target else None, attempts=ctx.attempts,
                                cache=ctx.cache_status, duration_ms=round(elapsed * 1000, 2), error=error,
                                prompt_tokens=ctx.usage.prompt_tokens if ctx.usage else None,

@@ -59,6 +59,10 @@ class GatewayTracer:
     def finish_request(self, span: Any, ctx: RequestContext, status: int, error: str | None) -> None:
         """Final attributes of the request span."""
         span.set_attribute(sc.HTTP_RESPONSE_STATUS_CODE, status)
+        if ctx.model:
+            # With auth on, the body (and so the model) is read after the span started.
+            span.set_attribute(sc.GEN_AI_REQUEST_MODEL, ctx.model)
+            span.update_name(f"{sc.OPERATIONS.get(ctx.endpoint, ctx.endpoint)} {ctx.model}")
         span.set_attribute(sc.ASGI_LLM_ORG, ctx.principal.org)
         span.set_attribute(sc.ASGI_LLM_ATTEMPTS, ctx.attempts)
         span.set_attribute(sc.ASGI_LLM_CACHE, ctx.cache_status)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 
-from asgi_llm._sse import SSEEvent, SSEParser
+from asgi_llm._sse import SSEEvent, SSEEventTooLarge, SSEParser
 from asgi_llm._timeout import TimeoutPerWait, fail_after
 from asgi_llm.errors import (
     UpstreamError,
@@ -40,6 +40,7 @@ __all__ = [
     "UpstreamReply",
     "chunk_has_content",
     "raise_for_upstream_status",
+    "read_limited",
     "retry_after_seconds",
 ]
 
@@ -49,18 +50,24 @@ Chunk = tuple[bytes, dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Per-attempt time limits, in seconds.
+    """Per-attempt limits: times in seconds, sizes in bytes.
 
     ``attempt`` bounds a non-streaming call from send to the last body byte, and a
     stream's wait for its response headers. ``ttft`` bounds a stream's wait for its
     first content (time to first token). ``idle`` bounds the silence between two
     stream chunks after that. ``connect`` is handled by the transport.
+    ``max_response_bytes`` bounds a whole (non-stream) answer and ``max_event_bytes``
+    one stream event: an upstream (or node) that sends more fails the attempt cleanly
+    (before the commit point, failover tries the next target) instead of growing the
+    gateway's memory.
     """
 
     connect: float = 5.0
     attempt: float = 60.0
     ttft: float = 15.0
     idle: float = 30.0
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_event_bytes: int = 16 * 1024 * 1024
 
 
 class ProviderAdapter(Protocol):
@@ -138,7 +145,7 @@ class UpstreamReply:
         remaining = self.timeouts.attempt - (time.perf_counter() - self.sent_at)
         try:
             async with fail_after(max(remaining, 0.001)):
-                raw = await self.response.read()
+                raw = await read_limited(self.response, self.timeouts.max_response_bytes, self.target)
         except TimeoutError:
             raise UpstreamTimeoutError(
                 f"{self.target} did not finish its response within {self.timeouts.attempt:g} s.", target=self.target
@@ -179,7 +186,7 @@ class UpstreamReply:
         the end event the body is drained so the connection can be reused. A body that
         ends before the end event raises :class:`UpstreamProtocolError`.
         """
-        parser = SSEParser()
+        parser = SSEParser(max_event_bytes=self.timeouts.max_event_bytes)
         iterator = self.response.iter_chunks().__aiter__()
         ttft_deadline = self.sent_at + self.timeouts.ttft
         waits = TimeoutPerWait()
@@ -208,7 +215,15 @@ class UpstreamReply:
                     raise UpstreamTimeoutError(
                         f"{self.target} stalled: no data for {self.timeouts.idle:g} s mid-stream.", target=self.target
                     ) from None
-                for event in parser.feed(data):
+                try:
+                    events = parser.feed(data)
+                except SSEEventTooLarge:
+                    raise UpstreamProtocolError(
+                        f"{self.target} sent a stream event larger than {self.timeouts.max_event_bytes} bytes; "
+                        "the attempt was abandoned.",
+                        target=self.target,
+                    ) from None
+                for event in events:
                     if is_end(event):
                         # Drain first: the consumer usually stops at the end event.
                         await _drain(iterator)
@@ -231,6 +246,38 @@ async def _drain(iterator: AsyncIterator[bytes]) -> None:
                 pass
     except (TimeoutError, UpstreamError):
         pass  # the answer is complete; a connection that misbehaves now is simply not reused
+
+
+async def read_limited(response: UpstreamResponse, limit: int, target: str, *, truncate: bool = False) -> bytes:
+    """The whole body of ``response``, at most ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before reading; responses
+    with ``read_at_most`` (both transports) stop reading at the limit; others are read
+    whole and then checked. Past the limit: :class:`UpstreamProtocolError`, or with
+    ``truncate`` an empty body (for error bodies, of which only a message is wanted).
+    """
+    headers = response.headers
+    declared = headers.get("content-length") if headers else None
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raw: bytes | None = None
+    else:
+        read_at_most = getattr(response, "read_at_most", None)
+        if read_at_most is not None:
+            raw = await read_at_most(limit)
+        else:
+            raw = await response.read()
+            raw = raw if len(raw) <= limit else None
+    if raw is None:
+        if truncate:
+            return b""
+        raise _too_large(target, limit)
+    return raw
+
+
+def _too_large(target: str, limit: int) -> UpstreamProtocolError:
+    return UpstreamProtocolError(
+        f"{target} sent a response larger than {limit} bytes; the attempt was abandoned.", target=target
+    )
 
 
 def _parse_json_object(raw: bytes | str, target: str, *, what: str = "response") -> dict[str, Any]:
@@ -293,12 +340,16 @@ def _retry_headers(headers: Any) -> dict[str, str]:
     return out
 
 
+_ERROR_BODY_BYTES = 64 * 1024
+"""Of an error body only the message is wanted: read no more than this."""
+
+
 async def raise_for_upstream_status(response: UpstreamResponse, target: str) -> None:
     """Raise the right :class:`UpstreamError` for a non-2xx response (and close it)."""
     try:
         try:
             async with fail_after(5):
-                raw = await response.read()
+                raw = await read_limited(response, _ERROR_BODY_BYTES, target, truncate=True)
         except (TimeoutError, UpstreamError):
             raw = b""
         try:

@@ -9,7 +9,8 @@ Two implementations of one small Protocol:
 
 Each provider owns one transport, i.e. one connection pool. Foreign exceptions are
 mapped to ours at the seam (``raise UpstreamConnectionError(...) from exc``), so no
-aiohttp or httpx2 type escapes this module. Timeouts other than connect are applied by
+aiohttp or httpx2 type escapes this module; their messages name the upstream by
+:func:`~asgi_llm._redact.redact_url` only (no credentials, no query string). Timeouts other than connect are applied by
 callers with ``asgi_llm._timeout.fail_after``, which works the same on every loop and transport.
 """
 
@@ -20,6 +21,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from asgi_llm._redact import redact_url, redact_urls_in
 from asgi_llm.errors import UpstreamConnectionError, UpstreamError, UpstreamProtocolError, UpstreamTimeoutError
 
 if TYPE_CHECKING:
@@ -49,6 +51,11 @@ class UpstreamResponse(Protocol):
     async def read(self) -> bytes:
         """Read the whole body (non-streaming calls)."""
         ...
+
+    # Optional: ``async def read_at_most(self, limit: int) -> bytes | None`` — the whole
+    # body, or ``None`` (having stopped reading) once it passes ``limit`` bytes. Both
+    # transports here have it; :func:`asgi_llm.providers.base.read_limited` uses it when
+    # present, so an upstream's oversized answer is never held whole.
 
     def iter_chunks(self) -> AsyncIterator[bytes]:
         """Yield body bytes as they arrive, in pieces of any size (streams)."""
@@ -82,6 +89,19 @@ class UpstreamTransport(Protocol):
         ...
 
 
+async def _collect(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
+    """Join ``chunks`` up to ``limit`` bytes; ``None`` (and stop iterating) past it."""
+    parts: list[bytes] = []
+    total = 0
+    async with contextlib.aclosing(chunks) as it:  # type: ignore[type-var]
+        async for chunk in it:
+            total += len(chunk)
+            if total > limit:
+                return None
+            parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 # --------------------------------------------------------------------------- aiohttp
 
 
@@ -89,20 +109,31 @@ class UpstreamTransport(Protocol):
 def _map_aiohttp_errors(url: str) -> Iterator[None]:
     import aiohttp
 
+    where = redact_url(url)  # never credentials or a query string in a message
     try:
         yield
     except UpstreamError:
         raise
     except asyncio.TimeoutError as exc:
-        raise UpstreamTimeoutError(f"Timed out connecting to {url}.") from exc
+        raise UpstreamTimeoutError(f"Timed out connecting to {where}.") from exc
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectionError(f"Could not connect to {url}: {exc.os_error or exc}.") from exc
+        raise UpstreamConnectionError(f"Could not connect to {where}: {_why(exc.os_error or exc, url)}.") from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-        raise UpstreamConnectionError(f"The connection to {url} was closed or reset: {exc or type(exc).__name__}.") from exc
+        raise UpstreamConnectionError(f"The connection to {where} was closed or reset: {_why(exc, url)}.") from exc
     except aiohttp.ClientResponseError as exc:
-        raise UpstreamProtocolError(f"{url} sent an invalid HTTP response: {exc.message}.") from exc
+        raise UpstreamProtocolError(f"{where} sent an invalid HTTP response: {_why(exc.message, url)}.") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamConnectionError(f"Request to {url} failed: {exc or type(exc).__name__}.") from exc
+        raise UpstreamConnectionError(f"Request to {where} failed: {_why(exc, url)}.") from exc
+    except ValueError as exc:
+        # aiohttp/yarl refuse some URLs and header combinations with a bare ValueError
+        # (credentials in the URL next to an Authorization header, for one).
+        raise UpstreamConnectionError(f"Request to {where} could not be sent: {_why(exc, url)}.") from exc
+
+
+def _why(exc: object, url: str) -> str:
+    """An exception's text with ``url`` (and its bare twin) redacted; its type if empty."""
+    text = str(exc) or type(exc).__name__
+    return redact_urls_in(text, url)
 
 
 class _AiohttpResponse:
@@ -120,6 +151,10 @@ class _AiohttpResponse:
             data = await self._resp.read()
         self._done = True
         return data
+
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
+        return await _collect(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         with _map_aiohttp_errors(self._url):
@@ -182,28 +217,29 @@ class AiohttpTransport:
 def _map_httpx_errors(url: str) -> Iterator[None]:
     import httpx2
 
+    where = redact_url(url)  # never credentials or a query string in a message
     try:
         yield
     except UpstreamError:
         raise
     except httpx2.ConnectTimeout as exc:
-        raise UpstreamTimeoutError(f"Timed out connecting to {url}.") from exc
+        raise UpstreamTimeoutError(f"Timed out connecting to {where}.") from exc
     except httpx2.TimeoutException as exc:
-        raise UpstreamTimeoutError(f"Timed out talking to {url}.") from exc
+        raise UpstreamTimeoutError(f"Timed out talking to {where}.") from exc
     except httpx2.ConnectError as exc:
-        raise UpstreamConnectionError(f"Could not connect to {url}: {exc}.") from exc
+        raise UpstreamConnectionError(f"Could not connect to {where}: {_why(exc, url)}.") from exc
     except httpx2.RemoteProtocolError as exc:
-        raise UpstreamConnectionError(f"The connection to {url} was closed or broken: {exc}.") from exc
+        raise UpstreamConnectionError(f"The connection to {where} was closed or broken: {_why(exc, url)}.") from exc
     except (httpx2.ReadError, httpx2.WriteError, httpx2.NetworkError) as exc:
-        raise UpstreamConnectionError(f"The connection to {url} was reset: {exc or type(exc).__name__}.") from exc
+        raise UpstreamConnectionError(f"The connection to {where} was reset: {_why(exc, url)}.") from exc
     except httpx2.DecodingError as exc:
-        raise UpstreamProtocolError(f"{url} sent a body that could not be decoded: {exc}.") from exc
+        raise UpstreamProtocolError(f"{where} sent a body that could not be decoded: {_why(exc, url)}.") from exc
     except httpx2.HTTPError as exc:
-        raise UpstreamConnectionError(f"Request to {url} failed: {exc or type(exc).__name__}.") from exc
+        raise UpstreamConnectionError(f"Request to {where} failed: {_why(exc, url)}.") from exc
     except Exception as exc:
         # httpcore2's own exceptions, when its stream is iterated directly (see iter_chunks).
         if type(exc).__module__.startswith("httpcore"):
-            raise UpstreamConnectionError(f"The connection to {url} broke: {exc or type(exc).__name__}.") from exc
+            raise UpstreamConnectionError(f"The connection to {where} broke: {_why(exc, url)}.") from exc
         raise
 
 
@@ -222,6 +258,10 @@ class _HttpxResponse:
             data = await self._resp.aread()
         self._done = True
         return data
+
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
+        return await _collect(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         # Iterate the raw stream's own generator and close it explicitly when we stop

@@ -5,6 +5,11 @@ Body: the request exactly as a client would send it to ``/v1/chat/completions`` 
 as that caller would see it (rules match on them). Answer: the strategy, the matching
 rule, the ordered plan, every skipped target with its reason, and per target its
 health, price, estimated cost, latency EWMA and in-flight count.
+
+Scoped like every admin view: an org admin explains for its own org only (asking for
+another is a 403 — plans show that org's private node routes, prices and load); an
+admin of every org (``org: "*"``) may name any. The body is parsed with the same checks
+as an inference body (depth, NaN, lone surrogates: a 400, never a 500).
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from asgi_llm.admin._params import org_scope
 from asgi_llm.context import RequestContext, new_request_id
 from asgi_llm.errors import GatewayError, InvalidRequestError
 from asgi_llm.routing.router import Router
-from asgi_llm.schemas import validate_payload
+from asgi_llm.schemas import parse_json, validate_payload
 from asgi_llm.usage.accounting import estimate_request
 
 __all__ = ["explain_route"]
@@ -29,11 +35,11 @@ def explain_route(router: Router) -> Route:
     """The admin route, bound to the gateway's router."""
 
     async def explain(request: Request) -> JSONResponse:
+        org = org_scope(request)  # before the body: a foreign org is refused without reading it
         raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError:
-            raise InvalidRequestError("The body must be the JSON request to explain.", code="invalid_json") from None
+        if not raw.strip():
+            raise InvalidRequestError("The body must be the JSON request to explain.", code="invalid_json")
+        body = parse_json(raw)
         endpoint = "chat"
         if isinstance(body, dict) and "request" in body:
             endpoint = body.get("endpoint", "chat")
@@ -42,7 +48,6 @@ def explain_route(router: Router) -> Route:
             body = body["request"]
         validate_payload(endpoint, body)
         caller = request.scope["asgi_llm"].principal
-        org = request.query_params.get("org")
         key = request.query_params.get("key")
         principal = replace(caller, org=org or caller.org, key_id=key or caller.key_id, models=None)
         ctx = RequestContext(request_id=new_request_id(), endpoint=endpoint, method="POST",

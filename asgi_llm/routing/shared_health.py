@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from asgi_llm._redact import redact_url
 from asgi_llm.routing.health import BreakerState, HealthTracker
 
 __all__ = ["SharedHealth"]
@@ -51,7 +52,7 @@ class SharedHealth:
         try:
             await self._load()
         except Exception:  # noqa: BLE001 - sharing is best effort; local breakers still work
-            logger.warning("could not load shared breaker state from %s", self.url, exc_info=True)
+            logger.warning("could not load shared breaker state from %s", redact_url(self.url), exc_info=True)
         self.health.on_change = self._on_change
         task_group.start_soon(self._publish_loop)
         task_group.start_soon(self._subscribe_loop)

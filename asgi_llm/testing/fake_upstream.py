@@ -105,6 +105,10 @@ decremented.  Faults only apply to ``/v1/*`` paths (never to ``/health``,
     ``{"usage": {"prompt_tokens": 1180591620717411303424}, "model": "..."}``: answer
     normally (streams too) but report that usage (merged over the true one) and/or that
     ``model`` - a lying or broken upstream. The stats still bill what was generated.
+``huge``
+    ``{"size": 52428800}``: streams send one event of ``size`` bytes (in 1 MiB
+    pieces) before the first chunk, then continue normally; non-streaming requests
+    get a 200 JSON body of ``size`` bytes.
 
 "Content chunks" are the per-word chunks (per-fragment for tool-call arguments
 and JSON mode).  Stream-only kinds never match non-streaming requests.
@@ -159,6 +163,7 @@ FAULT_KINDS = frozenset(
         "no_done",
         "garbage",
         "misreport",
+        "huge",
     }
 )
 STREAM_ONLY_FAULTS = frozenset({"chunk_delay", "cut", "stall", "malformed", "no_done"})
@@ -882,7 +887,7 @@ class FakeUpstream:
                 return None
             return self._faulted(fault, conn, keep, answer)
         assert isinstance(answer, _Generation)
-        if fault is not None and fault.kind != "slow_first_token" and fault.kind not in STREAM_ONLY_FAULTS:
+        if fault is not None and fault.kind not in ("slow_first_token", "huge") and fault.kind not in STREAM_ONLY_FAULTS:
             return self._faulted(fault, conn, keep, answer)
         return self._stream(conn, answer, fault)
 
@@ -1065,6 +1070,9 @@ class FakeUpstream:
                             keep_alive=keep)
         elif kind == "garbage":
             conn.send(200, b"<html>oops</html>", content_type=b"text/html", keep_alive=keep)
+        elif kind == "huge":  # non-streaming (streams get theirs in _stream)
+            size = fault.int_opt("size", 50 * 1024 * 1024)
+            conn.send(200, b'{"pad":"' + b"x" * max(size - 10, 0) + b'"}', keep_alive=keep)
         elif kind == "reset":
             conn.reset()
         else:
@@ -1109,6 +1117,15 @@ class FakeUpstream:
             if first_delay and await conn.sleep_or_lost(first_delay):
                 self._stream_gone(gen, written)
                 return
+            if kind == "huge":
+                size, piece = fault.int_opt("size", 50 * 1024 * 1024), 1024 * 1024  # type: ignore[union-attr]
+                conn.write_chunk(b'data: {"pad":"')
+                for _ in range(size // piece):
+                    if not conn.write_chunk(b"x" * piece):
+                        self._stream_gone(gen, written)
+                        return
+                    await conn.drain()
+                conn.write_chunk(b'"}\n\n')
             events = gen.events()
             total = sum(1 for is_content, _, _ in events if is_content)
             after = fault.int_opt("after_chunks", 0) if fault is not None else 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
 from asgi_llm.admin.keys import key_routes
@@ -214,3 +216,69 @@ class TestKeyAdminAPI:
         """Revoking a recipe key through the API says to remove it from the recipe."""
         err = assert_error(await admin(gateway, ADMIN, "DELETE", "/admin/keys/static:team-a-key"), 400)
         assert "recipe" in err["message"]
+
+
+class TestAuthenticateBeforeReading:
+    """No byte of a body is received before the key is accepted."""
+
+    @staticmethod
+    async def call_counting(gw: Gateway, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[Recorded, list[str]]:
+        """Like ``call``, recording every ``receive`` the app makes."""
+        received: list[str] = []
+        rec = Recorded()
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            received.append("http.request" if not sent else "http.disconnect")
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            rec.messages.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"t"), (b"content-length", str(len(body)).encode()), *headers],
+                 "client": ("127.0.0.1", 1), "server": ("t", 80)}
+        await gw(scope, receive, send)
+        return rec, received
+
+    @pytest.mark.parametrize("headers", [[], bearer("sk-unknown-0000000000"), bearer(NODE)])
+    async def test_refused_keys_never_read_the_body(self, gateway: Gateway, headers: list[tuple[bytes, bytes]]) -> None:
+        """Missing, unknown or wrong-scope key: 401/403 with the body unread, even invalid JSON."""
+        rec, received = await self.call_counting(gateway, headers, b"[" * 10_000)
+        assert rec.status in (401, 403)
+        assert received == []
+
+    async def test_accepted_key_reads_and_validates(self, gateway: Gateway) -> None:
+        """A good key: the body is read once, and only then validated (400) or allow-listed (404)."""
+        rec, received = await self.call_counting(gateway, bearer(TEAM_A), b'{"model":"chat","messages":[], "x": NaN}')
+        assert_error(rec, 400, "invalid_json")
+        assert received == ["http.request"]
+        rec, _ = await self.call_counting(gateway, bearer(TEAM_A), json.dumps({"model": "secret", "messages": MESSAGES}).encode())
+        assert_error(rec, 404, "model_not_found")
+
+    async def test_standalone_auth_reads_after_the_key(self, upstream_a: FakeUpstreamHandle, ring: KeyRing) -> None:
+        """AuthMiddleware without ContextMiddleware in front: same order, key first."""
+        seen: dict[str, Any] = {}
+
+        async def inner(scope: Any, receive: Any, send: Any) -> None:
+            ctx = scope["asgi_llm"]
+            seen["model"], seen["principal"] = ctx.model, ctx.principal.org
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        from asgi_llm.middleware.errors import ErrorMiddleware
+
+        app = ErrorMiddleware(AuthMiddleware(inner, keys=ring))
+        async with contextlib.AsyncExitStack() as stack:
+            await ring.start(await stack.enter_async_context(anyio.create_task_group()))
+            rec, received = await self.call_counting(app, [], b"[" * 10_000)
+            assert rec.status == 401 and received == []
+            rec, received = await self.call_counting(app, bearer(TEAM_A), json.dumps({"model": "chat", "messages": MESSAGES}).encode())
+            assert rec.status == 204 and received == ["http.request"]
+            assert seen == {"model": "chat", "principal": "team-a"}
+            await ring.aclose()

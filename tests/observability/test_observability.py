@@ -134,3 +134,30 @@ class TestTracing:
         assert att.attributes["gen_ai.usage.input_tokens"] == 7 and att.attributes["gen_ai.usage.output_tokens"] == 3
         assert att.attributes["gen_ai.system"] == "provider-a"
         provider.shutdown()
+
+
+class TestBodyReadAfterAuth:
+    async def test_model_reaches_metrics_span_and_log_when_read_late(self) -> None:
+        """With auth in the stack the body is read inside it, after this layer started:
+        the model still lands on the metrics, the request span and the request log line."""
+        pytest.importorskip("opentelemetry.sdk")
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from asgi_llm.middleware.context import LoadBody
+        from asgi_llm.observability import GatewayTracer
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        m, seen = GatewayMetrics(), {}
+        inner = UsageMiddleware(fake_dispatch(seen), sink=[].append, metrics=m)
+        obs = ObservabilityMiddleware(LoadBody(inner), metrics=m, tracer=GatewayTracer(provider), log_requests=True)
+        with structlog.testing.capture_logs() as logs:
+            await call(ErrorMiddleware(ContextMiddleware(obs, hold_body_for_auth=True)), body=BODY)
+        assert [s.name for s in exporter.get_finished_spans() if s.name.startswith("chat ")][-1] == "chat chat"
+        request_log = [e for e in logs if e.get("event") == "request"]
+        assert request_log and request_log[-1]["model"] == "chat"
+        assert 'asgi_llm_requests_total{endpoint="chat",model="chat",status="200"} 1.0' in m.render().decode()
+        provider.shutdown()

@@ -98,3 +98,48 @@ class TestWarm:
             assert isinstance(inner, AiohttpTransport if anyio_backend == "asyncio" else HttpxTransport)
             opened = inner._session if isinstance(inner, AiohttpTransport) else inner._client
             assert opened is not None
+
+
+class TestNoSecretsInErrors:
+    async def test_connection_error_names_the_url_redacted(self, anyio_backend: str) -> None:
+        """Credentials and query strings of the URL never reach the message (both transports)."""
+        url = f"http://bob:hunter2-secret@127.0.0.1:{free_port()}/v1/models?key=q-secret-123"
+        for t in transports(anyio_backend):
+            try:
+                with pytest.raises(UpstreamConnectionError) as info:
+                    await t.send("GET", url, headers={}, body=None)
+                message = str(info.value)
+                assert "hunter2" not in message and "q-secret" not in message and "bob" not in message
+                assert "127.0.0.1" in message and "?***" in message
+            finally:
+                await t.aclose()
+
+    async def test_credentials_next_to_a_key_header_are_ours_not_a_500(self, anyio_backend: str) -> None:
+        """aiohttp refuses URL credentials next to an Authorization header with a bare
+        ValueError: mapped at the seam (and redacted) like any other failure."""
+        url = f"http://bob:hunter2-secret@127.0.0.1:{free_port()}/v1/models"
+        for t in transports(anyio_backend):
+            try:
+                with pytest.raises(UpstreamError) as info:
+                    await t.send("GET", url, headers=HEADERS, body=None)
+                assert "hunter2" not in str(info.value)
+            finally:
+                await t.aclose()
+
+
+class TestBoundedRead:
+    async def test_read_at_most_stops_at_the_limit(self, anyio_backend: str, upstream_a: FakeUpstreamHandle) -> None:
+        """A 3 MiB body: None under a 1 MiB limit (the connection dropped), whole under 8 MiB."""
+        for t in transports(anyio_backend):
+            try:
+                for limit, whole in ((1 << 20, False), (8 << 20, True)):
+                    upstream_a.add_faults({"kind": "huge", "size": 3 << 20})
+                    resp = await t.send("POST", upstream_a.base_url + "/chat/completions", headers=HEADERS,
+                                        body=BODY.replace(b',"stream":true', b""))
+                    data = await resp.read_at_most(limit)  # type: ignore[attr-defined]
+                    await resp.aclose()
+                    assert (data is not None) is whole
+                    if whole:
+                        assert len(data) == 3 << 20 and data.startswith(b'{"pad":"')
+            finally:
+                await t.aclose()
