@@ -24,6 +24,7 @@ __all__ = [
     "EmbeddingRequest",
     "MAX_JSON_DEPTH",
     "parse_json",
+    "parse_json_object",
     "validate_payload",
 ]
 
@@ -166,7 +167,7 @@ def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
 
 
-def parse_json(raw: bytes | str, *, what: str = "The request body") -> Any:
+def parse_json(raw: bytes | str, *, what: str = "The request body", non_finite: bool = False) -> Any:
     """Parse a client's JSON, refusing what the parser accepts but nothing downstream can use.
 
     Every refusal is an OpenAI-shaped 400 (``invalid_json``) naming the problem:
@@ -175,9 +176,15 @@ def parse_json(raw: bytes | str, *, what: str = "The request body") -> Any:
     surrogates (``"\\ud800"``: they cannot be encoded to send upstream or store); nesting
     deeper than :data:`MAX_JSON_DEPTH` (which would otherwise exhaust the stack —
     here or in any layer that walks the payload).
+
+    ``non_finite=True`` lets ``NaN``/``Infinity``, overflowing numbers and integers past
+    64 bits through, for a caller that clamps every number itself (node heartbeats: Python's
+    ``json.dumps`` writes an engine's NaN gauge as ``NaN``, and refusing the heartbeat
+    would take a working node offline).
     """
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = (json.loads(raw) if non_finite
+                 else json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float))
     except _NonFinite as exc:
         if exc.name.startswith("a number"):
             message = f"{what} contains {exc.name}; send a finite number."
@@ -194,13 +201,26 @@ def parse_json(raw: bytes | str, *, what: str = "The request body") -> Any:
         if "integer string conversion" in detail:
             detail = "a number has too many digits"
         raise InvalidRequestError(f"{what} is not valid JSON: {detail}.", code="invalid_json") from None
-    _check_tree(value, what, strings=_may_hold_surrogates(raw))
+    _check_tree(value, what, strings=_may_hold_surrogates(raw), ints=not non_finite)
     return value
 
 
-def _check_tree(value: Any, what: str, *, strings: bool) -> None:
-    """Depth and integer range (always) and lone surrogates (when ``strings``), iteratively."""
-    _check_scalar(value, what, strings)
+def parse_json_object(raw: bytes, *, what: str = "The request body", non_finite: bool = False) -> dict[str, Any]:
+    """:func:`parse_json` for the admin and node routes' bodies: empty is ``{}``, and
+    anything but a JSON object is a 400."""
+    if not raw:
+        return {}
+    body = parse_json(raw, what=what, non_finite=non_finite)
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"{what} must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _check_tree(value: Any, what: str, *, strings: bool, ints: bool = True) -> None:
+    """Depth (always), integer range (when ``ints``) and lone surrogates (when
+    ``strings``), iteratively."""
+    if ints or type(value) is not int:
+        _check_scalar(value, what, strings)
     if not isinstance(value, dict | list):
         return
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -223,7 +243,7 @@ def _check_tree(value: Any, what: str, *, strings: bool) -> None:
             if kind is dict or kind is list:
                 stack.append((item, depth + 1))
             elif kind is int:
-                if not -_INT_LIMIT <= item < _INT_LIMIT:
+                if ints and not -_INT_LIMIT <= item < _INT_LIMIT:
                     _check_scalar(item, what, strings)
             elif strings and kind is str:
                 _check_scalar(item, what, strings)

@@ -25,7 +25,6 @@ node's ``{id}`` is its id (or, for its org, its name).
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ from asgi_llm.errors import InvalidRequestError, PermissionDeniedError
 from asgi_llm.nodes.consent import parse_rules
 from asgi_llm.nodes.inputs import parse_labels, parse_optional_price
 from asgi_llm.nodes.records import valid_window
+from asgi_llm.schemas import parse_json_object
 
 if TYPE_CHECKING:
     from asgi_llm.nodes.service import NodeService
@@ -58,14 +58,7 @@ def _respond(request: Request, body: Any, status: int = 200) -> JSONResponse:
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw) if raw else {}
-    except ValueError:
-        raise InvalidRequestError("The body must be a JSON object.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The body must be a JSON object.")
-    return body
+    return parse_json_object(await request.body())
 
 
 _MAX_SHARED = 100

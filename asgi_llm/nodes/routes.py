@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -26,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from asgi_llm.context import gateway_headers
-from asgi_llm.errors import InvalidRequestError
+from asgi_llm.schemas import parse_json_object
 from asgi_llm.middleware.auth import presented_key
 
 if TYPE_CHECKING:
@@ -40,17 +39,8 @@ def _respond(request: Request, body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise InvalidRequestError("The body must be a JSON object.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The body must be a JSON object.")
-    return body
+async def _json(request: Request, *, non_finite: bool = False) -> dict[str, Any]:
+    return parse_json_object(await request.body(), non_finite=non_finite)
 
 
 def node_routes(service: NodeService) -> list[BaseRoute]:
@@ -62,7 +52,7 @@ def node_routes(service: NodeService) -> list[BaseRoute]:
 
     async def heartbeat(request: Request) -> JSONResponse:
         record = await service.authenticate(presented_key(request.scope))
-        return _respond(request, await service.heartbeat(record, await _json(request)))
+        return _respond(request, await service.heartbeat(record, await _json(request, non_finite=True)))  # load is clamped
 
     async def register(request: Request) -> JSONResponse:
         service.registry.policy.learn_self(request.scope.get("server"))

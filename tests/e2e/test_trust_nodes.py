@@ -464,10 +464,13 @@ class TestNumbers:
             # Enrollment-token defaults and the node's own price are checked the same way.
             assert_error(admin(gw.url, "POST", "/admin/enrollment-tokens", {"org": "org-a", "price": {"input": "NaN"}}),
                          400, param="price.input")
-            assert_error(admin_raw(gw.url, "POST", "/admin/enrollment-tokens", '{"org": "org-a", "ttl_s": Infinity}'),
-                         400, param="ttl_s")
-            assert_error(admin_raw(gw.url, "PATCH", f"/admin/nodes/{node_id}", '{"price": {"input": NaN, "output": 1}}'),
-                         400, param="price.input")
+            # Not JSON at all: refused by the body parser before any field is read.
+            err = assert_error(admin_raw(gw.url, "POST", "/admin/enrollment-tokens", '{"org": "org-a", "ttl_s": Infinity}'),
+                               400)
+            assert err["code"] == "invalid_json"
+            err = assert_error(admin_raw(gw.url, "PATCH", f"/admin/nodes/{node_id}", '{"price": {"input": NaN, "output": 1}}'),
+                               400)
+            assert err["code"] == "invalid_json"
             assert_error(enroll(gw.url, token(gw.url, "org-a"),
                                 {"name": "p2", "mode": "tunnel", "models": ["m"], "price": {"input": "1e30"}}), 400)
         finally:
@@ -511,3 +514,23 @@ class TestNumbers:
                 assert 0 < got["prompt_tokens"] < 1_000 and got["completion_tokens"] == 0
             finally:
                 admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke")
+
+
+class TestHostileNodeBodies:
+    def test_deep_or_non_finite_json_on_node_and_admin_routes_is_a_400(self, gw: GatewayHandle) -> None:
+        """10k-deep JSON, NaN and lone surrogates on /nodes/* and /admin/nodes bodies are 400s
+        in OpenAI's shape, never a 500 (they used to reach json.loads unguarded)."""
+        deep = b"[" * 10_000 + b"]" * 10_000
+        bodies = [deep, b'{"name": NaN}', b'{"name": "\\ud800"}', b"[1, 2]"]
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            for body in bodies:
+                for path, key in (("/nodes/enroll", "ent-llm-not-a-real-token"),
+                                  ("/admin/enrollment-tokens", ADMIN)):
+                    r = http.post(gw.url + path, content=body,
+                                  headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+                    assert r.status_code in (400, 401), (path, body[:20], r.status_code, r.text[:200])
+                    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+            # the admin route authenticates the key first, so its refusal is about the body
+            r = http.post(gw.url + "/admin/enrollment-tokens", content=deep,
+                          headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
