@@ -143,6 +143,36 @@ _SECRET = Annotated[str, Field(min_length=8)]
 _SCOPE = Literal["inference", "admin", "node"]
 
 
+REQUEST_ID_HEADER = "x-asgi-llm-request-id"
+"""The header that carries the gateway's request id to providers and nodes by default.
+
+Not ``x-request-id``: some engines (llama-cpp-python's server) parse that header and
+answer an empty HTTP 400 to any value that is not a UUID, and ours is ``req_…``."""
+
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
+_NOT_A_REQUEST_ID_HEADER = frozenset({
+    "accept", "accept-encoding", "anthropic-version", "authorization", "connection", "content-encoding",
+    "content-length", "content-type", "cookie", "host", "keep-alive", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "user-agent", "x-api-key", "x-asgi-llm-node-secret",
+})
+"""Headers the gateway sets itself (framing, credentials, the node call secret): a request
+id under one of these names would corrupt the request or overwrite a secret."""
+
+
+def _request_id_header(value: str | None) -> str | None:
+    """``request_id_header``: a header name (lower-cased), or ``none`` / null to send no id."""
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if name in ("none", ""):
+        return None
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError('must be an HTTP header name (letters, digits, "-", at most 64 characters) or "none"')
+    if name in _NOT_A_REQUEST_ID_HEADER:
+        raise ValueError(f"{name!r} is a header the gateway sets itself; pick another name (e.g. {REQUEST_ID_HEADER!r}) or \"none\"")
+    return name
+
+
 class ProviderConfig(BaseModel):
     """An upstream API the gateway calls (OpenAI-compatible or Anthropic)."""
 
@@ -157,6 +187,15 @@ class ProviderConfig(BaseModel):
     idle_timeout_s: float = Field(30, gt=0, description="streams: max silence between chunks, seconds")
     max_connections: int = Field(256, ge=1, description="connection pool size for this provider")
     headers: dict[str, str] = Field(default_factory=dict, description="extra static headers sent upstream")
+    request_id_header: str | None = Field(
+        REQUEST_ID_HEADER,
+        description='header carrying our request id upstream; "none" sends none (x-request-id only if the upstream accepts req_… values)',
+    )
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _check_request_id_header(cls, value: str | None) -> str | None:
+        return _request_id_header(value)
 
     @field_validator("base_url")
     @classmethod
@@ -453,6 +492,15 @@ class NodesConfig(BaseModel):
     ttft_timeout_s: float = Field(60, gt=0, description="streams: max seconds to the first token from a node")
     connect_timeout_s: float = Field(3, gt=0, description="TCP connect timeout to a direct node, seconds")
     idle_timeout_s: float = Field(60, gt=0, description="streams: max silence between chunks from a node")
+    request_id_header: str | None = Field(
+        REQUEST_ID_HEADER,
+        description='header carrying our request id to nodes (their agents pass it to the engine); "none" sends none',
+    )
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _check_request_id_header(cls, value: str | None) -> str | None:
+        return _request_id_header(value)
 
 
 class GatewayConfig(BaseModel):

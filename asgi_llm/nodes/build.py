@@ -52,6 +52,7 @@ def build_nodes(parts: BuildParts) -> None:
         timeouts=Timeouts(connect=cfg.connect_timeout_s, attempt=cfg.timeout_s, ttft=cfg.ttft_timeout_s, idle=cfg.idle_timeout_s),
         transport=parts.transport,
         health=parts.health,
+        request_id_header=cfg.request_id_header,
     )
     service = NodeService(store, registry, cfg, reserved_names=set(parts.providers))
     parts.resources.append(registry)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asgi_llm.config import REQUEST_ID_HEADER
 from asgi_llm.nodes.records import CALL_SECRET_HEADER, NodeRecord, call_secret
 from asgi_llm.nodes.tunnel import TunnelConnection, TunnelTransport
 from asgi_llm.providers.base import Timeouts
@@ -110,6 +111,7 @@ class NodeRegistry:
         timeouts: per-attempt limits for node targets.
         transport: which HTTP transport direct-mode adapters use.
         clock: monotonic seconds (inject one in tests).
+        request_id_header: the header carrying the request id to nodes (``None``: none).
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class NodeRegistry:
         transport: TransportName = "auto",
         clock: Callable[[], float] = time.monotonic,
         health: Any = None,
+        request_id_header: str | None = REQUEST_ID_HEADER,
     ) -> None:
         self.store = store
         self._pepper = pepper
@@ -132,6 +135,7 @@ class NodeRegistry:
         self.transport: TransportName = transport
         self.clock = clock
         self.health = health
+        self.request_id_header = request_id_header
         self._records: dict[str, NodeRecord] = {}
         self._by_name: dict[str, str] | None = None  # name → id (first in ``records`` order)
         self._sorted: list[NodeRecord] | None = None  # records by name
@@ -298,7 +302,8 @@ class NodeRegistry:
             transport = make_transport(self.transport, connect_timeout=self.timeouts.connect)
             base_url = (record.url or "http://invalid").rstrip("/")
         live.adapter = OpenAIAdapter(node_provider(record.name), base_url=base_url, timeouts=self.timeouts,
-                                     headers={CALL_SECRET_HEADER: secret}, transport=transport)
+                                     headers={CALL_SECRET_HEADER: secret}, transport=transport,
+                                     request_id_header=self.request_id_header)
         live.adapter_key = key
         if old is not None:
             # Closing an in-use pool would cut requests in flight; the old pool is left to

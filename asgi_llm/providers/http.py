@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from asgi_llm._timeout import fail_after
+from asgi_llm.config import REQUEST_ID_HEADER
 from asgi_llm.errors import UpstreamError
 from asgi_llm.providers.base import Timeouts
 from asgi_llm.providers.keys import KeyPool
@@ -32,6 +33,8 @@ class HTTPAdapter:
         headers: extra static headers sent with every request.
         transport: the connection pool; built with :func:`make_transport` if omitted.
         health: breakers and cooldowns the key pool consults.
+        request_id_header: the header that carries the gateway's request id upstream;
+            ``None`` sends none (recipe ``providers.<name>.request_id_header``).
     """
 
     default_headers: ClassVar[Mapping[str, str]] = {"content-type": "application/json", "user-agent": USER_AGENT}
@@ -48,6 +51,7 @@ class HTTPAdapter:
         transport: UpstreamTransport | None = None,
         max_connections: int = 256,
         health: HealthTracker | None = None,
+        request_id_header: str | None = REQUEST_ID_HEADER,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -55,6 +59,7 @@ class HTTPAdapter:
         self.transport = transport or make_transport(max_connections=max_connections, connect_timeout=self.timeouts.connect)
         self._static_headers = {**self.default_headers, **(headers or {})}
         self.keys = KeyPool(name, api_keys, health=health)
+        self.request_id_header = request_id_header
 
     def key_headers(self, api_key: str | None) -> dict[str, str]:
         """How this upstream wants a key presented."""

@@ -101,6 +101,9 @@ decremented.  Faults only apply to ``/v1/*`` paths (never to ``/health``,
     finish the stream (terminating chunk included) without ``data: [DONE]``.
 ``garbage``
     200 with ``content-type: text/html`` and body ``<html>oops</html>``.
+``empty``
+    ``{"status": 400}``: that status with an empty body and no reason (what
+    llama-cpp-python's server answers to a request header it rejects).
 
 "Content chunks" are the per-word chunks (per-fragment for tool-call arguments
 and JSON mode).  Stream-only kinds never match non-streaming requests.
@@ -154,6 +157,7 @@ FAULT_KINDS = frozenset(
         "malformed",
         "no_done",
         "garbage",
+        "empty",
     }
 )
 STREAM_ONLY_FAULTS = frozenset({"chunk_delay", "cut", "stall", "malformed", "no_done"})
@@ -1044,6 +1048,8 @@ class FakeUpstream:
                             keep_alive=keep)
         elif kind == "garbage":
             conn.send(200, b"<html>oops</html>", content_type=b"text/html", keep_alive=keep)
+        elif kind == "empty":
+            conn.send(fault.int_opt("status", 400), b"", keep_alive=keep)
         elif kind == "reset":
             conn.reset()
         else:
