@@ -80,8 +80,12 @@ def llama_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     model = require_engine()
     port = free_port()
+    # --interrupt_requests False: by default this server ends a stream in flight (with
+    # [DONE], as if complete) whenever another request arrives, even GET /v1/models --
+    # which node agents send to rediscover models every 12 heartbeats.
     with managed_process([sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
-                          "--port", str(port), "--model_alias", MODEL, "--n_ctx", "2048"],
+                          "--port", str(port), "--model_alias", MODEL, "--n_ctx", "2048",
+                          "--interrupt_requests", "False"],
                          ready_url=f"http://127.0.0.1:{port}/v1/models", name="llama-cpp", timeout=120,
                          cwd=tmp_path_factory.mktemp("llama-cpp")):
         yield f"http://127.0.0.1:{port}/v1"
