@@ -361,8 +361,11 @@ async def raise_for_upstream_status(response: UpstreamResponse, target: str, *, 
         no_message = None
         if sent is not None:
             body = "an empty body" if not raw.strip() else "no error message"
-            no_message = (f"{target} answered HTTP {response.status} with {body} to {sent}. It gave no reason: "
-                          "its own log says which field or header it rejected.")
+            status = response.status
+            # A request the upstream refused (not a key, a rate limit or an outage): say where the reason is.
+            hint = (": its own log says which field or header it rejected" if 400 <= status < 500
+                    and status not in (401, 403, 407, 429) else "")
+            no_message = f"{target} answered HTTP {status} with {body} to {sent}. It gave no reason{hint}."
         raise _error_from_body(obj, response.status, target, response.headers, no_message)
     finally:
         await response.aclose()

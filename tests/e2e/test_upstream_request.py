@@ -119,3 +119,13 @@ class TestEmptyUpstreamError:
         r = _chat(gateway, "plain")
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "plain/gpt-4o-mini: tools are not supported"
+
+    def test_empty_503_is_not_blamed_on_the_request(self, gateway: str, upstream_a: FakeUpstreamHandle) -> None:
+        """A bare 503 is an outage, not a refused field: the message says what was sent but
+        does not send the person looking for a rejected header."""
+        upstream_a.add_faults({"kind": "empty", "status": 503, "times": None})  # retries too; cleared after the test
+        r = _chat(gateway, "plain")
+        assert r.status_code >= 500
+        message = r.json()["error"]["message"]
+        assert "answered HTTP 503 with an empty body to POST /v1/chat/completions (model 'gpt-4o-mini', 1 message" in message
+        assert "field or header" not in message
