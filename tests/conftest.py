@@ -136,14 +136,29 @@ def checkout_snapshot(root: Path = REPO) -> dict[str, tuple[int, int]]:
     return files
 
 
-def checkout_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
-    """The files added or changed between two snapshots, as sorted "added: x" / "changed: x" lines."""
+def checkout_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+                     tracked: frozenset[str] = frozenset()) -> list[str]:
+    """The files added or changed between two snapshots, as sorted "added: x" / "changed: x"
+    lines. Changes to ``tracked`` files (git's) are left out: during a run those are a
+    person editing, while a test's writes land in new or untracked files (a ledger)."""
     added = sorted(f"added: {p}" for p in after.keys() - before.keys())
-    changed = sorted(f"changed: {p}" for p in after.keys() & before.keys() if after[p] != before[p])
+    changed = sorted(f"changed: {p}" for p in after.keys() & before.keys() if after[p] != before[p] and p not in tracked)
     return added + changed
 
 
+def tracked_files(root: Path = REPO) -> frozenset[str]:
+    """The files git tracks under ``root`` (empty when it is not a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(name for name in out.decode(errors="replace").split("\0") if name)
+
+
 _SNAPSHOT_KEY = pytest.StashKey[dict[str, tuple[int, int]]]()
+_TRACKED_KEY = pytest.StashKey[frozenset[str]]()
 _HYPOTHESIS_HOME_KEY = pytest.StashKey[Path]()
 
 
@@ -166,18 +181,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_SNAPSHOT_KEY] = checkout_snapshot()
+    session.config.stash[_TRACKED_KEY] = tracked_files()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before = session.config.stash.get(_SNAPSHOT_KEY, None)
     if before is None:
         return
-    changes = checkout_changes(before, checkout_snapshot())
+    changes = checkout_changes(before, checkout_snapshot(), session.config.stash.get(_TRACKED_KEY, frozenset()))
     if not changes:
         return
     shown = changes[:20] + ([f"... and {len(changes) - 20} more"] if len(changes) > 20 else [])
-    message = (f"the test session wrote into the checkout {REPO} (tests must write only to tmp dirs; "
-               "give recipes a stores.ledger under tmp_path):\n  " + "\n  ".join(shown))
+    message = (f"files appeared or changed in the checkout {REPO} during the test session (tests must write only "
+               "to tmp dirs: give recipes a stores.ledger under tmp_path):\n  " + "\n  ".join(shown))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_sep("=", "files written into the checkout", red=True)

@@ -28,6 +28,16 @@ def test_snapshot_sees_new_and_changed_files_but_not_tool_caches(tmp_path: Path)
     assert checkout_changes(before, checkout_snapshot(tmp_path)) == ["added: asgi-llm.db", "changed: pkg/rewritten.py"]
 
 
+def test_edits_to_tracked_files_are_a_person_not_a_test(tmp_path: Path) -> None:
+    """A tracked source file rewritten mid-run is not reported; an untracked one is."""
+    (tmp_path / "src.py").write_text("a = 1\n")
+    (tmp_path / "asgi-llm.db").write_bytes(b"old rows")
+    before = checkout_snapshot(tmp_path)
+    (tmp_path / "src.py").write_text("a = 22\n")
+    (tmp_path / "asgi-llm.db").write_bytes(b"old rows + the suite's rows")
+    assert checkout_changes(before, checkout_snapshot(tmp_path), frozenset({"src.py"})) == ["changed: asgi-llm.db"]
+
+
 def test_an_unchanged_tree_reports_nothing(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("1")
     snap = checkout_snapshot(tmp_path)
