@@ -13,7 +13,6 @@ from asgi_llm.config import config_from_dict
 from asgi_llm.stack import build_gateway, gateway_lifespan
 
 
-
 def recipe(tmp: Path) -> dict[str, Any]:
     """A minimal recipe whose ledger lives in ``tmp`` (the default would be ./asgi-llm.db)."""
     return {"providers": {"a": {"base_url": "http://127.0.0.1:9/v1"}}, "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}},

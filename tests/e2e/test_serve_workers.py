@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
@@ -23,7 +24,7 @@ STARTS = 5
 WORKERS = 2
 
 
-def _wait_for_workers(gw_log: callable, count: int, timeout: float) -> str:  # type: ignore[valid-type]
+def _wait_for_workers(gw_log: Callable[[], str], count: int, timeout: float) -> str:
     """Poll the gateway's log until ``count`` workers finished their startup; return the log."""
     deadline = time.monotonic() + timeout
     while True:
