@@ -96,8 +96,27 @@ def serve(
         gateway.tune_gc = True  # the process is ours
         uvicorn.run(gateway, lifespan="on", **opts)  # type: ignore[arg-type]
     else:
+        _migrate_before_fork(gateway)
         os.environ[_CONFIG_ENV] = str(path)
         uvicorn.run("asgi_llm.cli:app_from_env", factory=True, workers=workers, lifespan="on", **opts)  # type: ignore[arg-type]
+
+
+def _migrate_before_fork(gateway) -> None:  # type: ignore[no-untyped-def]
+    """Bring the SQL schema (``stores.ledger``) to head once, in the parent, so N workers
+    starting at once find it made (they still check it, under a lock, on start)."""
+    from asgi_llm.stores import StoreError
+    from asgi_llm.stores.sql import SQLDatabase
+
+    db = gateway.extras.get("sql")
+    if not isinstance(db, SQLDatabase) or not db.migrate:
+        return
+    try:
+        db.upgrade()
+    except StoreError as exc:
+        typer.echo(f"asgi-llm: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()  # no connection crosses into the workers
 
 
 @app.command()

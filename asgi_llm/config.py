@@ -64,6 +64,8 @@ from pydantic import (
     model_validator,
 )
 
+from asgi_llm.providers.http import REQUEST_ID_HEADER  # the schema imports its options' types
+
 __all__ = [
     "AuthConfig",
     "CacheConfig",
@@ -143,6 +145,31 @@ _SECRET = Annotated[str, Field(min_length=8)]
 _SCOPE = Literal["inference", "admin", "node"]
 
 
+
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
+_NOT_A_REQUEST_ID_HEADER = frozenset({
+    "accept", "accept-encoding", "anthropic-version", "authorization", "connection", "content-encoding",
+    "content-length", "content-type", "cookie", "host", "keep-alive", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "user-agent", "x-api-key", "x-asgi-llm-node-secret",
+})
+"""Headers the gateway sets itself (framing, credentials, the node call secret): a request
+id under one of these names would corrupt the request or overwrite a secret."""
+
+
+def _request_id_header(value: str | None) -> str | None:
+    """``request_id_header``: a header name (lower-cased), or ``none`` / null to send no id."""
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if name in ("none", ""):
+        return None
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError('must be an HTTP header name (letters, digits, "-", at most 64 characters) or "none"')
+    if name in _NOT_A_REQUEST_ID_HEADER:
+        raise ValueError(f"{name!r} is a header the gateway sets itself; pick another name (e.g. {REQUEST_ID_HEADER!r}) or \"none\"")
+    return name
+
+
 class ProviderConfig(BaseModel):
     """An upstream API the gateway calls (OpenAI-compatible or Anthropic)."""
 
@@ -161,6 +188,15 @@ class ProviderConfig(BaseModel):
         64 * 1024 * 1024, ge=1024, description="largest whole (non-stream) response accepted from it, bytes"
     )
     max_event_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest single stream event accepted, bytes")
+    request_id_header: str | None = Field(
+        REQUEST_ID_HEADER,
+        description='header carrying our request id upstream; "none" sends none (x-request-id only if the upstream accepts req_… values)',
+    )
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _check_request_id_header(cls, value: str | None) -> str | None:
+        return _request_id_header(value)
 
     @field_validator("base_url")
     @classmethod
@@ -532,6 +568,15 @@ class NodesConfig(BaseModel):
             except ValueError:
                 raise ValueError(f"{cidr!r} is not a CIDR network such as 10.0.0.0/8 or 127.0.0.1/32") from None
         return value
+    request_id_header: str | None = Field(
+        REQUEST_ID_HEADER,
+        description='header carrying our request id to nodes (their agents pass it to the engine); "none" sends none',
+    )
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _check_request_id_header(cls, value: str | None) -> str | None:
+        return _request_id_header(value)
 
 
 class GatewayConfig(BaseModel):

@@ -335,6 +335,7 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
             headers=p.headers,
             transport=make_transport(transport, max_connections=p.max_connections, connect_timeout=p.connect_timeout_s),
             health=health,
+            request_id_header=p.request_id_header,
         )
     routes = []
     for name, m in config.models.items():

@@ -8,6 +8,9 @@ fake-upstream state (no faults, zeroed stats).
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +104,104 @@ def client(gateway_url: str, upstream_a: FakeUpstreamHandle, upstream_b: FakeUps
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------- #
+# Tests never write into the checkout
+# --------------------------------------------------------------------------- #
+# A test that serves a recipe with the default ``stores.ledger`` (``sqlite:///asgi-llm.db``)
+# from the repo directory writes its ledger rows into the very file a user's
+# ``asgi-llm serve`` uses. The session records every file in the checkout at the start
+# and fails the run if one was added or changed by the end.
+
+_CHECKOUT_SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "node_modules"}
+"""Directories Python, pytest and tools write on their own (not the tests' doing)."""
+
+
+def _skip_dir(name: str) -> bool:
+    return name in _CHECKOUT_SKIP_DIRS or name.startswith(".venv") or name.endswith(".egg-info")
+
+
+def checkout_snapshot(root: Path = REPO) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (relative path -> (size, mtime_ns)), minus tool caches."""
+    files: dict[str, tuple[int, int]] = {}
+    for here, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not _skip_dir(d)]
+        for name in names:
+            path = Path(here, name)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            files[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def checkout_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+                     tracked: frozenset[str] = frozenset()) -> list[str]:
+    """The files added or changed between two snapshots, as sorted "added: x" / "changed: x"
+    lines. Changes to ``tracked`` files (git's) are left out: during a run those are a
+    person editing, while a test's writes land in new or untracked files (a ledger)."""
+    added = sorted(f"added: {p}" for p in after.keys() - before.keys())
+    changed = sorted(f"changed: {p}" for p in after.keys() & before.keys() if after[p] != before[p] and p not in tracked)
+    return added + changed
+
+
+def tracked_files(root: Path = REPO) -> frozenset[str]:
+    """The files git tracks under ``root`` (empty when it is not a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(name for name in out.decode(errors="replace").split("\0") if name)
+
+
+_SNAPSHOT_KEY = pytest.StashKey[dict[str, tuple[int, int]]]()
+_TRACKED_KEY = pytest.StashKey[frozenset[str]]()
+_HYPOTHESIS_HOME_KEY = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Hypothesis keeps its example database in ./.hypothesis by default: a temp dir instead
+    # (unless the person running the tests chose a place).
+    if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        from hypothesis.configuration import set_hypothesis_home_dir
+
+        home = Path(tempfile.mkdtemp(prefix="asgi-llm-hypothesis-"))
+        set_hypothesis_home_dir(home)
+        config.stash[_HYPOTHESIS_HOME_KEY] = home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_HYPOTHESIS_HOME_KEY, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SNAPSHOT_KEY] = checkout_snapshot()
+    session.config.stash[_TRACKED_KEY] = tracked_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_SNAPSHOT_KEY, None)
+    if before is None:
+        return
+    changes = checkout_changes(before, checkout_snapshot(), session.config.stash.get(_TRACKED_KEY, frozenset()))
+    if not changes:
+        return
+    shown = changes[:20] + ([f"... and {len(changes) - 20} more"] if len(changes) > 20 else [])
+    message = (f"files appeared or changed in the checkout {REPO} during the test session (tests must write only "
+               "to tmp dirs: give recipes a stores.ledger under tmp_path):\n  " + "\n  ".join(shown))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", "files written into the checkout", red=True)
+        reporter.write_line(message)
+    else:  # pragma: no cover - without the terminal plugin
+        print(message)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from asgi_llm.config import config_from_dict
 from asgi_llm.stack import build_gateway, gateway_lifespan
 
-RECIPE = {"providers": {"a": {"base_url": "http://127.0.0.1:9/v1"}}, "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}}}
+
+def recipe(tmp: Path) -> dict[str, Any]:
+    """A minimal recipe whose ledger lives in ``tmp`` (the default would be ./asgi-llm.db)."""
+    return {"providers": {"a": {"base_url": "http://127.0.0.1:9/v1"}}, "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}},
+            "stores": {"ledger": f"sqlite:///{tmp / 'ledger.db'}"}}
 
 
 @pytest.fixture
@@ -22,8 +28,8 @@ def restore_gc() -> Iterator[None]:
 
 
 @pytest.mark.anyio
-async def test_a_served_gateway_freezes_startup_objects(restore_gc: None) -> None:
-    gateway = build_gateway(config_from_dict(RECIPE, environ={}))
+async def test_a_served_gateway_freezes_startup_objects(restore_gc: None, tmp_path: Path) -> None:
+    gateway = build_gateway(config_from_dict(recipe(tmp_path), environ={}))
     gateway.tune_gc = True
     async with gateway_lifespan(gateway):
         assert gc.get_freeze_count() > 10_000  # modules, recipe, pools: out of the collector's sight
@@ -31,9 +37,9 @@ async def test_a_served_gateway_freezes_startup_objects(restore_gc: None) -> Non
 
 
 @pytest.mark.anyio
-async def test_a_mounted_gateway_leaves_the_host_gc_alone(restore_gc: None) -> None:
+async def test_a_mounted_gateway_leaves_the_host_gc_alone(restore_gc: None, tmp_path: Path) -> None:
     before = gc.get_threshold()
-    gateway = build_gateway(config_from_dict(RECIPE, environ={}))
+    gateway = build_gateway(config_from_dict(recipe(tmp_path), environ={}))
     async with gateway_lifespan(gateway):
         assert gc.get_freeze_count() == 0
         assert gc.get_threshold() == before

@@ -56,6 +56,7 @@ def build_nodes(parts: BuildParts) -> None:
         health=parts.health,
         policy=NetworkPolicy.from_config(cfg.allowed_networks),
         accept_shared=recipe_rules(cfg.accept_shared),
+        request_id_header=cfg.request_id_header,
     )
     service = NodeService(store, registry, cfg, reserved_names=set(parts.providers))
     parts.resources.append(registry)

@@ -57,6 +57,7 @@ from asgi_llm.nodes.netpolicy import GuardedTransport, NetworkPolicy
 from asgi_llm.nodes.records import CALL_SECRET_HEADER, NodeRecord, call_secret
 from asgi_llm.nodes.tunnel import TunnelConnection, TunnelTransport
 from asgi_llm.providers.base import Timeouts
+from asgi_llm.providers.http import REQUEST_ID_HEADER
 from asgi_llm.providers.openai import OpenAIAdapter
 from asgi_llm.providers.transport import TransportName, make_transport
 from asgi_llm.routing.router import NodeTargets, Price, Target
@@ -138,6 +139,7 @@ class NodeRegistry:
         policy: where direct-mode nodes may be reached (default: the built-in deny list).
         accept_shared: the recipe's consents (consumer org → rules); org admins' own
             are loaded from the store on :meth:`reload`.
+        request_id_header: the header carrying the request id to nodes (``None``: none).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class NodeRegistry:
         health: Any = None,
         policy: NetworkPolicy | None = None,
         accept_shared: dict[str, tuple[AcceptRule, ...]] | None = None,
+        request_id_header: str | None = REQUEST_ID_HEADER,
     ) -> None:
         self.store = store
         self._pepper = pepper
@@ -165,6 +168,7 @@ class NodeRegistry:
         self.policy = policy or NetworkPolicy()
         self.recipe_consents: dict[str, tuple[AcceptRule, ...]] = dict(accept_shared or {})
         self._org_consents: dict[str, tuple[AcceptRule, ...]] = {}
+        self.request_id_header = request_id_header
         self._records: dict[str, NodeRecord] = {}
         self._by_name: dict[tuple[str, str], str] | None = None  # (org, name) → id of the node holding it
         self._task_group: TaskGroup | None = None
@@ -400,7 +404,8 @@ class NodeRegistry:
             live.transport_key = transport_key
         secret = call_secret(self.pepper(), record.id, record.credential_hash)
         live.adapter = NodeAdapter(node_provider(record.name, record.org), base_url=base_url, timeouts=self.timeouts,
-                                   headers={CALL_SECRET_HEADER: secret}, transport=live.transport)
+                                   headers={CALL_SECRET_HEADER: secret}, transport=live.transport,
+                                   request_id_header=self.request_id_header)
         live.adapter_key, live.blocked = key, False
         self._changed()
 

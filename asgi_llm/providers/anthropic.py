@@ -43,6 +43,7 @@ from asgi_llm.providers.base import (
     UpstreamReply,
     _error_from_body,
     _parse_json_object,
+    describe_request,
     raise_for_upstream_status,
 )
 from asgi_llm.providers.http import HTTPAdapter
@@ -289,7 +290,8 @@ class AnthropicAdapter(HTTPAdapter):
             )
         body = json.dumps(to_anthropic_request(ctx.payload, target.model, stream=ctx.stream), separators=(",", ":")).encode()
         headers = {**self._static_headers, **self.key_headers(api_key)}
-        headers["x-request-id"] = ctx.request_id
+        if self.request_id_header:
+            headers[self.request_id_header] = ctx.request_id
         if ctx.stream:
             headers["accept"] = "text/event-stream"
         limit = self.timeouts.ttft if ctx.stream else self.timeouts.attempt
@@ -300,5 +302,7 @@ class AnthropicAdapter(HTTPAdapter):
         except TimeoutError:
             raise UpstreamTimeoutError(f"{route} did not answer within {limit:g} s.", target=route) from None
         if not 200 <= response.status < 300:
-            await raise_for_upstream_status(response, route)
+            await raise_for_upstream_status(response, route, sent=describe_request(
+                "POST", self.base_url + "/messages", ctx.payload, model=target.model, stream=ctx.stream,
+                request_id_header=self.request_id_header))
         return _AnthropicReply(response, target=route, timeouts=self.timeouts, sent_at=sent_at)

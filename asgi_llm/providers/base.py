@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 
 from asgi_llm._sse import SSEEvent, SSEEventTooLarge, SSEParser
@@ -39,6 +40,7 @@ __all__ = [
     "Timeouts",
     "UpstreamReply",
     "chunk_has_content",
+    "describe_request",
     "raise_for_upstream_status",
     "read_limited",
     "retry_after_seconds",
@@ -303,7 +305,10 @@ def _error_from_event(payload: str, target: str) -> UpstreamError:
     return _error_from_body(obj if isinstance(obj, dict) else {}, 502, target, None)
 
 
-def _error_from_body(obj: dict[str, Any], status: int, target: str, headers: Any) -> UpstreamError:
+def _error_from_body(obj: dict[str, Any], status: int, target: str, headers: Any,
+                     no_message: str | None = None) -> UpstreamError:
+    """The error for an upstream's error object; ``no_message`` (if given) is the whole
+    message when the upstream gave none."""
     err = obj.get("error")
     message = None
     etype = code = param = None
@@ -315,7 +320,7 @@ def _error_from_body(obj: dict[str, Any], status: int, target: str, headers: Any
     elif isinstance(err, str):
         message = err
     if not isinstance(message, str) or not message:
-        message = f"{target} answered with HTTP {status}."
+        message = no_message or f"{target} answered with HTTP {status}."
     else:
         message = f"{target}: {message}"
     return UpstreamStatusError(
@@ -344,8 +349,53 @@ _ERROR_BODY_BYTES = 64 * 1024
 """Of an error body only the message is wanted: read no more than this."""
 
 
-async def raise_for_upstream_status(response: UpstreamResponse, target: str) -> None:
-    """Raise the right :class:`UpstreamError` for a non-2xx response (and close it)."""
+_KNOWN_FORMATS = frozenset({"text", "json_object", "json_schema"})
+_KNOWN_CHOICES = frozenset({"auto", "none", "required"})
+
+
+def describe_request(method: str, url: str, payload: Mapping[str, Any], *, model: str, stream: bool,
+                     request_id_header: str | None = None) -> str:
+    """What was sent upstream, in a line a person can act on when the upstream says nothing.
+
+    Only the URL's path (never its host, credentials or query), the upstream model name,
+    and the shape of the request: counts and known enum values, never client text.
+
+    Example:
+        >>> describe_request("POST", "http://h/v1/chat/completions", {"messages": [{}, {}], "tools": [{}]},
+        ...                  model="m", stream=True)
+        "POST /v1/chat/completions (model 'm', stream, 2 messages, tools: 1)"
+    """
+    path = urlsplit(url).path[:100] or "/"
+    parts = [f"model {model[:80]!r}"]
+    if stream:
+        parts.append("stream")
+    for field, noun in (("messages", "message"), ("input", "input")):
+        value = payload.get(field)
+        if isinstance(value, list):
+            parts.append(f"{len(value)} {noun}{'' if len(value) == 1 else 's'}")
+    tools = payload.get("tools")
+    if isinstance(tools, list) and tools:
+        parts.append(f"tools: {len(tools)}")
+    choice = payload.get("tool_choice")
+    if isinstance(choice, str):
+        parts.append(f"tool_choice: {choice if choice in _KNOWN_CHOICES else 'other'}")
+    elif isinstance(choice, dict):
+        parts.append("tool_choice: a named function")
+    fmt = payload.get("response_format")
+    if isinstance(fmt, dict):
+        kind = fmt.get("type")
+        parts.append(f"response_format: {kind if kind in _KNOWN_FORMATS else 'other'}")
+    if request_id_header:
+        parts.append(f"request id in header {request_id_header}")
+    return f"{method} {path} ({', '.join(parts)})"
+
+
+async def raise_for_upstream_status(response: UpstreamResponse, target: str, *, sent: str | None = None) -> None:
+    """Raise the right :class:`UpstreamError` for a non-2xx response (and close it).
+
+    ``sent`` (see :func:`describe_request`) goes into the message when the upstream's
+    body gives no reason, e.g. an engine's bare ``400`` to a header it rejects.
+    """
     try:
         try:
             async with fail_after(5):
@@ -359,7 +409,15 @@ async def raise_for_upstream_status(response: UpstreamResponse, target: str) -> 
         if not isinstance(obj, dict) or "error" not in obj:
             text = raw[:200].decode("utf-8", "replace").strip()
             obj = {"error": {"message": text}} if text and not text.startswith("<") else {}
-        raise _error_from_body(obj, response.status, target, response.headers)
+        no_message = None
+        if sent is not None:
+            body = "an empty body" if not raw.strip() else "no error message"
+            status = response.status
+            # A request the upstream refused (not a key, a rate limit or an outage): say where the reason is.
+            hint = (": its own log says which field or header it rejected" if 400 <= status < 500
+                    and status not in (401, 403, 407, 429) else "")
+            no_message = f"{target} answered HTTP {status} with {body} to {sent}. It gave no reason{hint}."
+        raise _error_from_body(obj, response.status, target, response.headers, no_message)
     finally:
         await response.aclose()
 

@@ -16,7 +16,13 @@ from asgi_llm.providers.transport import UpstreamTransport, make_transport
 if TYPE_CHECKING:
     from asgi_llm.routing.health import HealthTracker
 
-__all__ = ["USER_AGENT", "HTTPAdapter"]
+__all__ = ["REQUEST_ID_HEADER", "USER_AGENT", "HTTPAdapter"]
+
+REQUEST_ID_HEADER = "x-asgi-llm-request-id"
+"""The header that carries the gateway's request id to providers and nodes by default.
+
+Not ``x-request-id``: some engines (llama-cpp-python's server) parse that header and
+answer an empty HTTP 400 to any value that is not a UUID, and ours is ``req_…``."""
 
 USER_AGENT = "asgi-llm/0.1"
 
@@ -32,6 +38,8 @@ class HTTPAdapter:
         headers: extra static headers sent with every request.
         transport: the connection pool; built with :func:`make_transport` if omitted.
         health: breakers and cooldowns the key pool consults.
+        request_id_header: the header that carries the gateway's request id upstream;
+            ``None`` sends none (recipe ``providers.<name>.request_id_header``).
     """
 
     default_headers: ClassVar[Mapping[str, str]] = {"content-type": "application/json", "user-agent": USER_AGENT}
@@ -48,6 +56,7 @@ class HTTPAdapter:
         transport: UpstreamTransport | None = None,
         max_connections: int = 256,
         health: HealthTracker | None = None,
+        request_id_header: str | None = REQUEST_ID_HEADER,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -55,6 +64,7 @@ class HTTPAdapter:
         self.transport = transport or make_transport(max_connections=max_connections, connect_timeout=self.timeouts.connect)
         self._static_headers = {**self.default_headers, **(headers or {})}
         self.keys = KeyPool(name, api_keys, health=health)
+        self.request_id_header = request_id_header
 
     def key_headers(self, api_key: str | None) -> dict[str, str]:
         """How this upstream wants a key presented."""

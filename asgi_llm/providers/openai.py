@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgi_llm._timeout import fail_after
 from asgi_llm.errors import UpstreamTimeoutError
-from asgi_llm.providers.base import UpstreamReply, raise_for_upstream_status
+from asgi_llm.providers.base import UpstreamReply, describe_request, raise_for_upstream_status
 from asgi_llm.providers.http import HTTPAdapter
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ class OpenAIAdapter(HTTPAdapter):
 
     def build_headers(self, ctx: RequestContext, api_key: str | None) -> dict[str, str]:
         headers = {**self._static_headers, **self.key_headers(api_key)}
-        headers["x-request-id"] = ctx.request_id
+        if self.request_id_header:
+            headers[self.request_id_header] = ctx.request_id
         if ctx.stream:
             headers["accept"] = "text/event-stream"
         return headers
@@ -70,5 +71,6 @@ class OpenAIAdapter(HTTPAdapter):
             what = "time-to-first-token limit" if ctx.stream else "attempt timeout"
             raise UpstreamTimeoutError(f"{route} did not answer within the {what} of {limit:g} s.", target=route) from None
         if not 200 <= response.status < 300:
-            await raise_for_upstream_status(response, route)
+            await raise_for_upstream_status(response, route, sent=describe_request(
+                "POST", url, ctx.payload, model=target.model, stream=ctx.stream, request_id_header=self.request_id_header))
         return UpstreamReply(response, target=route, timeouts=self.timeouts, sent_at=sent_at)

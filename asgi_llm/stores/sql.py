@@ -6,7 +6,9 @@ under asyncio and trio. Writes that matter for latency (ledger, audit) are batch
 the hot path by their owners; this module only gives them a connection and a schema.
 
 The schema is managed with Alembic: :meth:`SQLDatabase.start` upgrades to ``head``,
-so a new replica or a new version migrates on start. Revisions live in
+so a new replica or a new version migrates on start. Processes that start together
+(``asgi-llm serve --workers N``, replicas) take turns: the upgrade runs under a lock
+(see :meth:`SQLDatabase.upgrade`), so the second finds the schema made. Revisions live in
 ``asgi_llm/stores/migrations/versions`` as a linear chain; each capability owns its
 revision file.
 
@@ -17,6 +19,8 @@ Foreign exceptions are mapped at this seam: any ``sqlalchemy`` error leaves as
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +39,12 @@ __all__ = ["SQLDatabase", "normalize_sql_url"]
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+MIGRATION_LOCK_TIMEOUT_S = 120.0
+"""How long a start waits for another process's migration before it gives up."""
+
+_PG_MIGRATION_LOCK = int.from_bytes(b"asgi-llm", "big")
+"""The PostgreSQL advisory lock key that serializes migrations (fits a signed bigint)."""
 
 
 def normalize_sql_url(url: str) -> str:
@@ -123,21 +133,86 @@ class SQLDatabase:
         if self.migrate:
             await self.run_sync(self.upgrade, "schema migration")
 
+    def dispose(self) -> None:
+        """Close the connection pool now (sync); the next use opens a new one."""
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            engine.dispose()
+
     async def aclose(self) -> None:
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await anyio.to_thread.run_sync(engine.dispose)
 
     def upgrade(self, revision: str = "head") -> None:
-        """Upgrade the schema (sync; call from a worker thread)."""
+        """Upgrade the schema (sync; call from a worker thread).
+
+        Serialized across processes, or two that start together both find no schema and
+        one dies on "table ... already exists": on PostgreSQL by a transaction-scoped
+        advisory lock; on a SQLite file by an exclusive ``flock`` on the database's
+        directory, taken before the first connection (which also switches the file to
+        WAL) and held until the migration committed. Waits at most
+        :data:`MIGRATION_LOCK_TIMEOUT_S`, then raises :class:`StoreError`.
+        """
         from alembic import command
         from alembic.config import Config
+        from sqlalchemy import text
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with map_sql_errors("schema migration"), self.engine.begin() as conn:
+        with self._sqlite_migration_lock(), map_sql_errors("schema migration"), self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text(f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_TIMEOUT_S)}s'"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
+
+    @contextlib.contextmanager
+    def _sqlite_migration_lock(self) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on a SQLite database file's directory (a no-op for
+        other databases, in-memory ones and platforms without ``fcntl``).
+
+        The directory, not a lock file beside the database: nothing is left behind, and
+        opening the database file itself would let a close of our descriptor drop
+        SQLite's own POSIX locks in this process.
+        """
+        directory = self._sqlite_directory()
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: serve migrates before forking
+            directory = None
+        if directory is None:
+            yield
+            return
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + MIGRATION_LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(
+                            f"SQL store failed during schema migration: another process held the migration lock "
+                            f"on {directory} for {MIGRATION_LOCK_TIMEOUT_S:g} s"
+                        ) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _sqlite_directory(self) -> str | None:
+        """The existing directory of a SQLite database file, or ``None``."""
+        if self.dialect != "sqlite":
+            return None
+        from sqlalchemy.engine import make_url
+
+        database = make_url(self.url).database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        directory = os.path.dirname(os.path.abspath(database))
+        return directory if os.path.isdir(directory) else None
 
     async def run_sync(self, fn: Callable[[], T], what: str) -> T:
         """Run a sync function in a worker thread, mapping SQL errors."""

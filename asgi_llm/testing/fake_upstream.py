@@ -109,6 +109,9 @@ decremented.  Faults only apply to ``/v1/*`` paths (never to ``/health``,
     ``{"size": 52428800}``: streams send one event of ``size`` bytes (in 1 MiB
     pieces) before the first chunk, then continue normally; non-streaming requests
     get a 200 JSON body of ``size`` bytes.
+``empty``
+    ``{"status": 400}``: that status with an empty body and no reason (what
+    llama-cpp-python's server answers to a request header it rejects).
 
 "Content chunks" are the per-word chunks (per-fragment for tool-call arguments
 and JSON mode).  Stream-only kinds never match non-streaming requests.
@@ -164,6 +167,7 @@ FAULT_KINDS = frozenset(
         "garbage",
         "misreport",
         "huge",
+        "empty",
     }
 )
 STREAM_ONLY_FAULTS = frozenset({"chunk_delay", "cut", "stall", "malformed", "no_done"})
@@ -1073,6 +1077,8 @@ class FakeUpstream:
         elif kind == "huge":  # non-streaming (streams get theirs in _stream)
             size = fault.int_opt("size", 50 * 1024 * 1024)
             conn.send(200, b'{"pad":"' + b"x" * max(size - 10, 0) + b'"}', keep_alive=keep)
+        elif kind == "empty":
+            conn.send(fault.int_opt("status", 400), b"", keep_alive=keep)
         elif kind == "reset":
             conn.reset()
         else:

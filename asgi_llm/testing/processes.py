@@ -128,6 +128,7 @@ def managed_process(
     timeout: float = 20.0,
     name: str = "",
     keep_log: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Iterator[ManagedProcess]:
     """Run ``args`` as a child process for the duration of the ``with`` block.
 
@@ -136,7 +137,8 @@ def managed_process(
     pass, the process is killed and ``RuntimeError`` (with the log tail) is
     raised.  ``env`` entries are added on top of ``os.environ``.  On exit the
     whole process group gets SIGTERM, then SIGKILL after 5 s.  The log file is
-    deleted on exit unless ``keep_log`` is true (or startup failed).
+    deleted on exit unless ``keep_log`` is true (or startup failed). ``cwd`` is the
+    process's working directory (default: this process's).
     """
     label = name or Path(args[0]).name
     fd, log_name = tempfile.mkstemp(prefix=f"asgi-llm-{label.replace('/', '_')}-", suffix=".log")
@@ -150,6 +152,7 @@ def managed_process(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=full_env,
+            cwd=cwd,
             start_new_session=True,
         )
     _LIVE.add(proc)
@@ -302,14 +305,22 @@ def gateway_process(
     log_level: str = "warning",
     extra_args: Sequence[str] = (),
     timeout: float = 20.0,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Iterator[GatewayHandle]:
     """Serve ``recipe`` with ``asgi-llm serve`` on a free port for the ``with`` block.
 
     ``extra_args`` go to ``serve`` (e.g. ``("--workers", "2")``); ``env`` is added to
-    the environment (recipes read ``${VAR}`` from it).
+    the environment (recipes read ``${VAR}`` from it). The gateway runs in ``cwd``;
+    by default in a fresh temporary directory removed on exit, so relative store paths
+    (the default ledger ``sqlite:///asgi-llm.db``) never land in the caller's directory,
+    a checkout or the database of a real ``asgi-llm serve`` there.
     """
     port = free_port()
-    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(recipe), "--port", str(port),
+    args = [sys.executable, "-m", "asgi_llm.cli", "serve", "--config", str(Path(recipe).resolve()), "--port", str(port),
             "--log-level", log_level, *extra_args]
-    with managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", env=env, name=name, timeout=timeout) as mp:
+    with contextlib.ExitStack() as stack:
+        if cwd is None:
+            cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"asgi-llm-{name.replace('/', '_')}-cwd-"))
+        mp = stack.enter_context(managed_process(args, ready_url=f"http://127.0.0.1:{port}/healthz", env=env, name=name,
+                                                 timeout=timeout, cwd=cwd))
         yield GatewayHandle(port=port, process=mp)

@@ -62,7 +62,6 @@ models:
   embed: {{targets: [{{nodes: any, model: {E5}}}, {{provider: fallback, model: text-embedding-3-small}}]}}
   embed-labeled: {{targets: [{{nodes: "label:gpu=none", model: {E5}}}]}}
   chat: {{targets: [{{nodes: any, model: tiny-chat}}, {{provider: fallback, model: fallback-chat}}]}}
-  smol: {{targets: [{{nodes: any, model: smollm2}}]}}   # tests/e2e/test_nodes_llamacpp.py (opt-in)
 auth:
   admin_keys: ["{ADMIN}"]
   pepper: "nodes-test-pepper-0123456789"

@@ -91,7 +91,8 @@ class TestMountInFastAPI:
             "ASGI_LLM_CONFIG": str(REPO / "recipes" / "standalone.yaml"), "PYTHONPATH": str(REPO),
         }
         args = [sys.executable, "-m", "uvicorn", "recipes.mount_in_fastapi:app", "--port", str(port), "--log-level", "warning"]
-        with managed_process(args, ready_url=f"http://127.0.0.1:{port}/", env=env, name="fastapi-host"):
+        # cwd: the standalone recipe's default ledger (sqlite:///asgi-llm.db) lands in tmp_path, not the checkout.
+        with managed_process(args, ready_url=f"http://127.0.0.1:{port}/", env=env, name="fastapi-host", cwd=tmp_path):
             base = f"http://127.0.0.1:{port}"
             with httpx2.Client(timeout=10) as http:
                 assert http.get(base + "/items/7").json() == {"item_id": 7}
