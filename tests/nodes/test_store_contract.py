@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from asgi_llm.nodes.records import EnrollmentToken, NodeRecord
-from asgi_llm.nodes.store import SQLNodeStore
+from asgi_llm.nodes.store import NodeStore, SQLNodeStore
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.sql import SQLDatabase
 
@@ -41,7 +41,8 @@ async def db(sql_url: str) -> AsyncIterator[SQLDatabase]:
 
 
 @pytest.fixture
-def store(db: SQLDatabase) -> SQLNodeStore:
+def store(db: SQLDatabase) -> NodeStore:
+    """Every backend of the NodeStore Protocol (today the SQL one, over SQLite and PostgreSQL)."""
     return SQLNodeStore(db)
 
 
@@ -58,7 +59,7 @@ def node(i: int, name: str | None = None, *, org: str = "team-a", **kw: object) 
 
 
 class TestTokens:
-    async def test_consumed_once(self, store: SQLNodeStore) -> None:
+    async def test_consumed_once(self, store: NodeStore) -> None:
         """The first use returns the token, marked with the node and time; a replay is 'used'."""
         await store.create_token(token(1, defaults={"labels": {"gpu": "a10"}}, created_by="k_admin"))
         got, problem = await store.consume_token(f"{1:064x}", node_id="node_1", at=NOW + 1)
@@ -69,7 +70,7 @@ class TestTokens:
         (listed,) = await store.list_tokens()
         assert listed.node_id == "node_1" and listed.used_at == NOW + 1  # the replay changed nothing
 
-    async def test_unknown_and_expired(self, store: SQLNodeStore) -> None:
+    async def test_unknown_and_expired(self, store: NodeStore) -> None:
         """An unknown hash is 'unknown'; at or after its expiry a token is 'expired' and stays unused."""
         await store.create_token(token(2, expires_at=NOW + 10))
         assert await store.consume_token("f" * 64, node_id="node_x", at=NOW) == (None, "unknown")
@@ -77,7 +78,7 @@ class TestTokens:
         (listed,) = await store.list_tokens()
         assert listed.used_at is None and listed.node_id is None
 
-    async def test_concurrent_joins_with_one_token_one_wins(self, store: SQLNodeStore) -> None:
+    async def test_concurrent_joins_with_one_token_one_wins(self, store: NodeStore) -> None:
         """Ten joins racing with one token: exactly one succeeds, nine see 'used'."""
         await store.create_token(token(3))
         results: list[tuple[EnrollmentToken | None, str | None]] = []
@@ -92,7 +93,7 @@ class TestTokens:
         (winner,) = [t for t, p in results if p is None]
         assert winner is not None and (await store.list_tokens())[0].node_id == winner.node_id
 
-    async def test_token_org_and_org_scoped_listing(self, store: SQLNodeStore) -> None:
+    async def test_token_org_and_org_scoped_listing(self, store: NodeStore) -> None:
         """token_org answers without consuming; list_tokens is ordered by creation and filters by org."""
         await store.create_token(token(5, org="team-b", created_at=NOW + 5))
         await store.create_token(token(4, org="team-a", created_at=NOW + 4))
@@ -103,7 +104,7 @@ class TestTokens:
         assert await store.list_tokens(org="team-c") == []
         assert all(t.used_at is None for t in await store.list_tokens())
 
-    async def test_duplicate_token_hash_is_a_store_error(self, store: SQLNodeStore) -> None:
+    async def test_duplicate_token_hash_is_a_store_error(self, store: NodeStore) -> None:
         """A second token with the same hash is refused at the seam (StoreError), never stored twice."""
         await store.create_token(token(7))
         with pytest.raises(StoreError):
@@ -112,7 +113,7 @@ class TestTokens:
 
 
 class TestNodes:
-    async def test_every_field_round_trips(self, store: SQLNodeStore) -> None:
+    async def test_every_field_round_trips(self, store: NodeStore) -> None:
         """get, get_by_credential and list return the record as written, field for field."""
         rec = node(
             1, "gpu-box-é", mode="tunnel", url=None, labels={"gpu": "rtx 4090", "zone": "ü"},
@@ -127,7 +128,7 @@ class TestNodes:
         assert await store.list() == [rec]
         assert await store.get("node_missing") is None and await store.get_by_credential("nope") is None
 
-    async def test_update_writes_every_field_of_that_node_only(self, store: SQLNodeStore) -> None:
+    async def test_update_writes_every_field_of_that_node_only(self, store: NodeStore) -> None:
         """update replaces the record by id; the other node is untouched; an unknown id creates nothing."""
         a, b = node(1), node(2)
         await store.create_node(a)
@@ -140,7 +141,7 @@ class TestNodes:
         await store.update(node(3))
         assert [r.id for r in await store.list()] == ["node_1", "node_2"]
 
-    async def test_listing_is_ordered_and_org_scoped(self, store: SQLNodeStore) -> None:
+    async def test_listing_is_ordered_and_org_scoped(self, store: NodeStore) -> None:
         """list orders by creation time; org= returns that org's nodes only."""
         for i, org in ((3, "team-a"), (1, "team-b"), (2, "team-a")):
             await store.create_node(node(i, org=org))
@@ -148,7 +149,7 @@ class TestNodes:
         assert [r.id for r in await store.list(org="team-a")] == ["node_2", "node_3"]
         assert await store.list(org="team-z") == []
 
-    async def test_names_are_unique_per_org_among_active_nodes(self, store: SQLNodeStore) -> None:
+    async def test_names_are_unique_per_org_among_active_nodes(self, store: NodeStore) -> None:
         """Same name in another org: fine. In the same org: refused while active; once revoked,
         the old node gives the name up (renamed name#id) and keeps its id."""
         await store.create_node(node(1, "box", org="team-a"))
@@ -165,7 +166,7 @@ class TestNodes:
         assert sorted((r.org, r.name, r.id) for r in await store.list()) == [
             ("team-a", "box", "node_4"), ("team-a", "box#node_1", "node_1"), ("team-b", "box", "node_2")]
 
-    async def test_concurrent_enrollments_of_one_name_one_wins(self, store: SQLNodeStore) -> None:
+    async def test_concurrent_enrollments_of_one_name_one_wins(self, store: NodeStore) -> None:
         """Eight enrollments racing for one name in one org: one record, seven ValueErrors."""
         outcomes: list[str] = []
 
@@ -186,7 +187,7 @@ class TestNodes:
 
 
 class TestConsents:
-    async def test_replace_withdraw_and_skip_garbage(self, store: SQLNodeStore, db: SQLDatabase) -> None:
+    async def test_replace_withdraw_and_skip_garbage(self, store: NodeStore, db: SQLDatabase) -> None:
         """set_consent replaces an org's rules, [] withdraws; a row whose JSON is not a list is skipped."""
         rule = {"owner": "team-a", "max_price": {"input": "1", "output": "2"}}
         await store.set_consent("team-b", [rule], at=NOW, by="k1")
