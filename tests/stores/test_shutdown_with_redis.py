@@ -34,7 +34,7 @@ N = 12
 
 
 def test_sigterm_with_redis_state_and_nodes_flushes_the_ledger(tmp_path: Path, upstream_a: FakeUpstreamHandle) -> None:
-    """SIGTERM right after N+N answers: exit 0 / -SIGTERM within 10 s, no "shutdown
+    """SIGTERM right after N+N answers and N/2 streams: exit 0 / -SIGTERM within 10 s, no "shutdown
     failed" in the log, one ledger row per answered request id, nothing spilled."""
     ledger = tmp_path / "ledger.db"
     spill = tmp_path / "spill"
@@ -67,6 +67,12 @@ routing: {{health: {{probe_interval_s: 0}}}}
                             model=model, messages=[{"role": "user", "content": "remember me"}])
                         assert raw.parse().choices
                         answered.append(raw.headers["x-request-id"])
+                for _ in range(N // 2):  # streams too: the row is queued once the stream has ended
+                    raw = c.chat.completions.with_raw_response.create(
+                        model="chat", messages=[{"role": "user", "content": "stream me"}], stream=True)
+                    with raw.parse() as stream:
+                        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+                    answered.append(raw.headers["x-request-id"])
             # SIGTERM now, the agent still heartbeating: the rows are queued (60 s flush interval).
             proc = gw.process.proc
             stopping = time.monotonic()
@@ -82,7 +88,7 @@ routing: {{health: {{probe_interval_s: 0}}}}
     with contextlib.closing(sqlite3.connect(ledger)) as db:
         recorded = {r[0] for r in db.execute("SELECT DISTINCT request_id FROM usage_ledger")}
     missing = [rid for rid in answered if rid not in recorded]
-    assert len(answered) == 2 * N and not missing, f"{len(missing)} of {len(answered)} answered requests have no ledger row"
+    assert len(answered) == 2 * N + N // 2 and not missing, f"{len(missing)} of {len(answered)} answered requests have no ledger row"
     assert "shutdown failed" not in log.lower(), log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     spilled = [f for f in spill.rglob("*") if f.is_file() and f.stat().st_size] if spill.exists() else []
