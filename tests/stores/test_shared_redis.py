@@ -10,7 +10,6 @@ closed inside a live task group, which must not be cancelled by it.
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
