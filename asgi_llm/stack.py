@@ -358,10 +358,14 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
     if rc.health.probe_interval_s > 0:
         parts.resources.append(HealthProber(providers, health, interval_s=rc.health.probe_interval_s))
     if config.stores.state.startswith(("redis://", "rediss://")):
-        # Replicas share breaker transitions (reads stay local; see routing/shared_health.py).
+        # Replicas share breaker transitions (reads stay local; see routing/shared_health.py)
+        # through the state store's one Redis client: the store is opened first, closed last.
         from asgi_llm.routing.shared_health import SharedHealth
+        from asgi_llm.stores.state import state_store_from_url
 
-        parts.resources.append(SharedHealth(config.stores.state, health))
+        state = parts.extras["state"] = state_store_from_url(config.stores.state)
+        parts.resources.append(state)
+        parts.resources.append(SharedHealth(state.redis, health))  # type: ignore[attr-defined]
     layers: dict[str, LayerFactory] = {}
     for name, builder in _LAYER_BUILDERS.items():
         if name in exclude:

@@ -212,7 +212,7 @@ def postgres_url() -> Iterator[str]:
     yield from postgres_database()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.sqlite), pytest.param("postgresql", marks=pytest.mark.postgres)])
 def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each SQL contract test runs on SQLite (a temp file) and on real PostgreSQL."""
     if request.param == "sqlite":

@@ -333,8 +333,8 @@ def build_quota_layer(parts: BuildParts) -> LayerFactory | None:
     if store is None:
         store = parts.extras["state"] = state_store_from_url(config.stores.state)
         parts.resources.append(store)
-        if config.stores.state_failure == "closed":  # failing open, a store outage does not make us unready
-            parts.readiness.append(store.ping)
+    if config.stores.state_failure == "closed":  # failing open, a store outage does not make us unready
+        parts.readiness.append(store.ping)
     return lambda app: QuotaMiddleware(
         app,
         store=store,

@@ -64,7 +64,7 @@ def build_nodes(parts: BuildParts) -> None:
         # Replicas share who is alive (direct-mode nodes); see asgi_llm/nodes/shared.py.
         from asgi_llm.nodes.shared import SharedNodeLiveness
 
-        parts.resources.append(SharedNodeLiveness(parts.config.stores.state, registry))
+        parts.resources.append(SharedNodeLiveness(parts.extras["state"].redis, registry))  # the state store's client
     parts.extras["nodes"] = service
     parts.node_routes.extend(node_routes(service))
     parts.admin_routes.extend(node_admin_routes(service, ledger=parts.extras.get("ledger_store")))

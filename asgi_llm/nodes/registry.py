@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asgi_llm._background import Loops
 from asgi_llm.nodes.adapter import NodeAdapter
 from asgi_llm.nodes.consent import AcceptRule, accepts
 from asgi_llm.nodes.netpolicy import GuardedTransport, NetworkPolicy
@@ -173,6 +174,7 @@ class NodeRegistry:
         self._by_name: dict[tuple[str, str], str] | None = None  # (org, name) → id of the node holding it
         self._task_group: TaskGroup | None = None
         self._retired: list[Any] = []  # connection pools to close (built before a task group existed)
+        self._loops = Loops("node registry")
         self._sorted: list[NodeRecord] | None = None  # records by name
         self._resolved: dict[tuple[Any, str], _Resolved] = {}
         self._by_provider: dict[str, LiveNode] | None = None  # ``node:<name>@<org>`` → its liveness
@@ -203,9 +205,10 @@ class NodeRegistry:
     async def start(self, task_group: TaskGroup) -> None:
         self._task_group = task_group
         await self.reload()
-        task_group.start_soon(self._refresh_loop)
+        self._loops.start(task_group, self._refresh_loop)
 
     async def aclose(self) -> None:
+        await self._loops.stop()  # no reload once the SQL store may be closing
         self._task_group = None
         for live in self.live.values():
             if live.transport is not None:

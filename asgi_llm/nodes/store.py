@@ -16,16 +16,71 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from asgi_llm.nodes.records import EnrollmentToken, NodeRecord
 
 if TYPE_CHECKING:
     from asgi_llm.stores.sql import SQLDatabase
 
-__all__ = ["SQLNodeStore"]
+__all__ = ["NodeStore", "SQLNodeStore", "TokenProblem"]
 
 TokenProblem = Literal["unknown", "used", "expired"]
+
+
+class NodeStore(Protocol):
+    """Enrollment tokens, node records and consents, shared by every replica.
+
+    The contract every backend keeps (``tests/nodes/test_store_contract.py``): a token
+    is consumed once, also under concurrency, never at or after its expiry; a record
+    round-trips every field; names are unique per org among nodes that are not revoked
+    (a revoked node gives its name up as ``name#id``); listings are ordered by creation
+    and org-scoped; driver failures leave as :class:`~asgi_llm.stores.StoreError`.
+    """
+
+    async def create_token(self, token: EnrollmentToken) -> None:
+        """Store a new token (its hash only)."""
+        ...
+
+    async def consume_token(self, token_hash: str, *, node_id: str, at: float) -> tuple[EnrollmentToken | None, TokenProblem | None]:
+        """Mark the token used by ``node_id`` — once: ``(token, None)`` or ``(None, problem)``."""
+        ...
+
+    async def token_org(self, token_hash: str) -> str | None:
+        """The org of a token (used or not), without consuming it."""
+        ...
+
+    async def list_tokens(self, *, org: str | None = None) -> list[EnrollmentToken]:
+        """Tokens by creation time, optionally of one org."""
+        ...
+
+    async def create_node(self, record: NodeRecord) -> None:
+        """Insert a node; ``ValueError`` when an active node of its org holds its name."""
+        ...
+
+    async def get(self, node_id: str) -> NodeRecord | None:
+        """The node with this id."""
+        ...
+
+    async def get_by_credential(self, credential_hash: str) -> NodeRecord | None:
+        """The node holding this credential (its hash)."""
+        ...
+
+    async def list(self, *, org: str | None = None) -> list[NodeRecord]:
+        """Nodes by creation time, optionally of one org."""
+        ...
+
+    async def update(self, record: NodeRecord) -> None:
+        """Write every field of ``record`` (by id)."""
+        ...
+
+    async def list_consents(self) -> dict[str, list[dict[str, Any]]]:
+        """Every org's own acceptance rules (raw JSON, validated by the caller)."""
+        ...
+
+    async def set_consent(self, org: str, rules: list[dict[str, Any]], *, at: float, by: str | None) -> None:
+        """Replace ``org``'s acceptance rules (``[]`` withdraws them)."""
+        ...
 
 
 @cache

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import anyio
 from anyio.abc import TaskGroup
 
+from asgi_llm._background import Loops
 from asgi_llm.providers.base import ProviderAdapter
 from asgi_llm.routing.health import HealthTracker
 
@@ -29,12 +30,13 @@ class HealthProber:
         self.providers = providers
         self.health = health
         self.interval_s = interval_s
+        self._loops = Loops("health probes")
 
     async def start(self, task_group: TaskGroup) -> None:
-        task_group.start_soon(self._loop)
+        self._loops.start(task_group, self._loop)
 
     async def aclose(self) -> None:
-        return None  # the loop ends with the task group
+        await self._loops.stop()  # no probe round while provider pools are closing
 
     async def _loop(self) -> None:
         while True:

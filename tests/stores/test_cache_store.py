@@ -53,7 +53,11 @@ def k(org: str = "acme", model: str = "chat", digest: str = "d1") -> CacheKey:
 class TestContract:
     """Every backend; the Redis store is asyncio-only, so it runs under asyncio alone."""
 
-    @pytest.fixture(params=[("memory", "asyncio"), ("memory", "trio"), ("redis", "asyncio")], ids="-".join)
+    @pytest.fixture(params=[
+        pytest.param(("memory", "asyncio"), marks=pytest.mark.memory),
+        pytest.param(("memory", "trio"), marks=pytest.mark.memory),
+        pytest.param(("redis", "asyncio"), marks=pytest.mark.redis),
+    ], ids="-".join)
     def backend(self, request: pytest.FixtureRequest) -> tuple[str, str]:
         return request.param  # type: ignore[no-any-return]
 

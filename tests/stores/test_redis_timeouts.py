@@ -18,7 +18,7 @@ from asgi_llm.stores import StoreError
 from asgi_llm.stores.cache import RedisCacheStore
 from asgi_llm.stores.state import Limit, RedisStateStore
 
-pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]  # redis.asyncio only
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.parametrize("anyio_backend", ["asyncio"])]  # redis.asyncio only
 
 
 @pytest.fixture

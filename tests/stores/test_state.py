@@ -22,7 +22,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(
-    params=[("memory", "asyncio"), ("memory", "trio"), ("redis", "asyncio")],
+    params=[
+        pytest.param(("memory", "asyncio"), marks=pytest.mark.memory),
+        pytest.param(("memory", "trio"), marks=pytest.mark.memory),
+        pytest.param(("redis", "asyncio"), marks=pytest.mark.redis),
+    ],
     ids=["memory-asyncio", "memory-trio", "redis-asyncio"],
 )
 def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
@@ -213,7 +217,7 @@ class TestExpiry:
 
 
 class TestFailures:
-    @pytest.mark.parametrize("backend", [("redis", "asyncio")], ids=["redis-asyncio"])
+    @pytest.mark.parametrize("backend", [pytest.param(("redis", "asyncio"), marks=pytest.mark.redis)], ids=["redis-asyncio"])
     async def test_unreachable_redis_is_a_store_error_quickly(self, backend: tuple[str, str]) -> None:
         """Nothing listening: StoreError within the timeout; ping reports it; never a driver exception."""
         from asgi_llm.testing.processes import free_port
