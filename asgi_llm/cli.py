@@ -89,8 +89,12 @@ def serve(
             "rate limits, breakers and cache; use redis:// for limits that are exact across workers.",
             err=True,
         )
+    # SIGTERM: uvicorn closes the listening socket at once (a balancer's next check or
+    # connect fails, so it routes elsewhere), lets the requests in flight finish for up to
+    # drain_timeout_s, then runs the lifespan shutdown, which flushes the ledger writers.
+    drain_s = getattr(gateway.server_config, "drain_timeout_s", 30)
     opts = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop="auto", http="auto",
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=drain_s)
     opts.update(serve_options(gateway.server_config))
     if workers == 1:
         gateway.tune_gc = True  # the process is ours

@@ -421,6 +421,11 @@ class ServerConfig(BaseModel):
         64 * 1024, ge=1024, description="`asgi-llm serve`: request line + headers larger than this get 431"
     )
     max_headers: int = Field(100, ge=8, description="`asgi-llm serve`: more request headers than this get 431")
+    drain_timeout_s: float = Field(
+        30, gt=0, le=3600,
+        description="`asgi-llm serve`: on SIGTERM, stop accepting and let requests in flight (streams "
+                    "included) finish for up to this long, then flush the ledger and exit",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> ServerConfig:

@@ -21,7 +21,16 @@ from asgi_llm.routing.router import Router
 __all__ = ["GatewayEndpoints", "ReadinessCheck"]
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
-"""Returns ``None`` when ready, else a short reason (e.g. ``"ledger store unreachable"``)."""
+"""Returns ``None`` when ready, else a short reason (e.g. ``"ledger store unreachable"``).
+
+The checks are of the *shared* stores (Redis, PostgreSQL). ``/readyz`` reports their
+problems but still answers 200 (``"status": "degraded"``): every replica shares those
+stores, so an outage fails the check on all of them at once, and a balancer acting on
+it would empty its whole pool — clients would get the balancer's own error page instead
+of the gateway's OpenAI-shaped answer (``stores.state_failure``: a 503 with
+``Retry-After``, or serving on without limits), and the pool would come back only after
+the balancer's rise interval. A replica that can answer requests stays in the pool; one
+that cannot accept connections (stopping, crashed) fails the check by itself."""
 
 
 class GatewayEndpoints:
@@ -78,8 +87,8 @@ class GatewayEndpoints:
             await send_json(send, 200, {"status": "ok"}, headers)
             return
         problems = [p for p in [await check() for check in self.readiness] if p]
-        if problems:
-            await send_json(send, 503, {"status": "unavailable", "problems": problems}, headers)
+        if problems:  # shared stores: see ReadinessCheck for why this is not a 503
+            await send_json(send, 200, {"status": "degraded", "problems": problems}, headers)
         else:
             await send_json(send, 200, {"status": "ready"}, headers)
 
