@@ -98,7 +98,9 @@ def serve(
     opts.update(serve_options(gateway.server_config))
     if workers == 1:
         gateway.tune_gc = True  # the process is ours
-        uvicorn.run(gateway, lifespan="on", **opts)  # type: ignore[arg-type]
+        from asgi_llm._server import run_draining
+
+        run_draining(gateway, getattr(gateway.server_config, "drain_notice_s", 0), lifespan="on", **opts)
     else:
         _migrate_before_fork(gateway)
         os.environ[_CONFIG_ENV] = str(path)

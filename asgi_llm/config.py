@@ -426,6 +426,12 @@ class ServerConfig(BaseModel):
         description="`asgi-llm serve`: on SIGTERM, stop accepting and let requests in flight (streams "
                     "included) finish for up to this long, then flush the ledger and exit",
     )
+    drain_notice_s: float = Field(
+        0, ge=0, le=300,
+        description="`asgi-llm serve`: on SIGTERM, first answer /readyz with 503 for this long while still "
+                    "serving, so a balancer takes the replica out before its listener closes (set it above "
+                    "the balancer's check interval x fall count); then drain",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> ServerConfig:
