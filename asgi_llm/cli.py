@@ -87,7 +87,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Recipe file (default: ./recipes/standalone.yaml, else the packaged one).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", envvar=_CONFIG_ENV, help="Recipe file (default: $ASGI_LLM_CONFIG, else ./recipes/standalone.yaml, else the packaged one).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each a full, stateless gateway).")] = 1,
