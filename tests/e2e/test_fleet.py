@@ -1,6 +1,7 @@
 """A fleet for real: three ``asgi-llm serve`` replicas behind HAProxy, shared Redis and PostgreSQL.
 
-HAProxy runs ``recipes/fleet/haproxy.cfg`` itself (the walk-through's file), health-checking
+HAProxy runs ``recipes/fleet/haproxy.cfg`` and the replicas ``recipes/fleet/fleet.yaml`` (the
+walk-through's own files, addresses from the environment), HAProxy health-checking
 ``/readyz``. Many concurrent ``openai`` SDK clients (streams and non-streams) load the
 balancer while a scenario happens; every scenario ends by checking the ledger: every
 request a client saw completed has its row in PostgreSQL (fresh database per test).
@@ -31,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.request
@@ -76,6 +76,7 @@ class Replica:
     port: int
     recipe: Path
     cwd: Path
+    env: dict[str, str] = field(default_factory=dict)
     _stack: contextlib.ExitStack | None = None
     process: ManagedProcess | None = None
 
@@ -85,7 +86,7 @@ class Replica:
         self._stack = contextlib.ExitStack()
         self.process = self._stack.enter_context(managed_process(
             args, ready_url=f"http://127.0.0.1:{self.port}/healthz", name=self.name, timeout=30, cwd=self.cwd,
-            env={"PYTHONPATH": str(REPO)}))
+            env={"PYTHONPATH": str(REPO), **self.env}))
 
     def signal_and_wait(self, sig: signal.Signals, timeout: float) -> None:
         assert self.process is not None and self._stack is not None
@@ -146,23 +147,6 @@ class Fleet:
             time.sleep(0.2)
 
 
-def _recipe(upstream: FakeUpstreamHandle, redis_url: str, pg_url: str, spill: Path) -> str:
-    return textwrap.dedent(f"""\
-        providers:
-          fake: {{base_url: "{upstream.base_url}", timeout_s: 20, ttft_timeout_s: 10}}
-        models:
-          chat: {{targets: [{{provider: fake, model: gpt-4o-mini}}]}}
-        stores: {{state: "{redis_url}", ledger: "{pg_url}", state_failure: closed}}
-        auth:
-          pepper: "fleet-test-pepper-0123456789"
-          keys:
-            - {{key: "{KEY}", org: fleet, name: fleet, limits: {{rpm: 1000000}}}}
-        nodes: {{enabled: false}}
-        usage: {{flush_interval_s: 0.5, spill_dir: "{spill}"}}
-        server: {{drain_timeout_s: 20, drain_notice_s: 1.0}}
-        """)
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstreamHandle]:
     """A fake upstream of its own: every stream is slow (~0.4 s), so some are always in flight."""
@@ -208,10 +192,14 @@ def fleet(upstream: FakeUpstreamHandle, tmp_path: Path) -> Iterator[Fleet]:
     redis_proc = _start_redis(tmp_path, redis_port)
     pg = postgres_database()
     pg_url = next(pg)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(_recipe(upstream, f"redis://127.0.0.1:{redis_port}/0", pg_url, tmp_path / "spill"))
-    replicas = [Replica(f"replica-{i}", free_port(), recipe, tmp_path) for i in range(3)]
+    recipe = FLEET_DIR / "fleet.yaml"  # the walk-through's recipe, addresses from the environment
     lb_port, stats_port = free_port(), free_port()
+    ports = [free_port() for _ in range(3)]
+    env = {"FLEET_UPSTREAM": upstream.base_url, "FLEET_REDIS": f"redis://127.0.0.1:{redis_port}/0",
+           "FLEET_DATABASE": pg_url, "FLEET_SPILL": str(tmp_path / "spill"), "FLEET_KEY": KEY,
+           "FLEET_LB_PORT": str(lb_port), "FLEET_STATS_PORT": str(stats_port), "FLEET_ERRORS": str(FLEET_DIR / "errors"),
+           **{f"FLEET_R{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}}
+    replicas = [Replica(f"replica-{i}", p, recipe, tmp_path, env) for i, p in enumerate(ports)]
     f: Fleet | None = None
     upstream.clear_faults()
     upstream.add_faults({"kind": "chunk_delay", "delay_s": 0.06, "times": None, "match": {"stream": True}},
@@ -221,9 +209,6 @@ def fleet(upstream: FakeUpstreamHandle, tmp_path: Path) -> Iterator[Fleet]:
             for r in replicas:  # one after the other: the first migrates the database
                 r.start()
                 stack.callback(r.stop)
-            env = {"FLEET_LB_PORT": str(lb_port), "FLEET_STATS_PORT": str(stats_port),
-                   "FLEET_ERRORS": str(FLEET_DIR / "errors"),
-                   **{f"FLEET_R{i}": f"127.0.0.1:{r.port}" for i, r in enumerate(replicas)}}
             stack.enter_context(managed_process([haproxy, "-db", "-f", str(FLEET_DIR / "haproxy.cfg")],
                                                 ready_url=f"http://127.0.0.1:{lb_port}/healthz", env=env, name="haproxy"))
             f = Fleet(replicas, f"http://127.0.0.1:{lb_port}/v1", f"http://127.0.0.1:{stats_port}/stats", pg_url,
