@@ -202,3 +202,14 @@ class TestOtelConfig:
         """``OTEL_TRACES_EXPORTER=jaeger`` is refused with the supported names, not ignored."""
         with pytest.raises(ValueError, match="otlp, console or none"):
             configure_tracing(True, environ={"OTEL_TRACES_EXPORTER": "jaeger"})
+
+    def test_a_mounted_gateway_leaves_the_hosts_provider_alone(self) -> None:
+        """Building a gateway (what mounting does) with otel options installs no provider:
+        its spans go to whatever provider the host app set up."""
+        from opentelemetry import trace
+
+        from asgi_llm.stack import build_gateway
+
+        before = trace.get_tracer_provider()
+        build_gateway(_config({"exporter": "console"}))
+        assert trace.get_tracer_provider() is before
