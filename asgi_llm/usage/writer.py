@@ -96,6 +96,8 @@ class BatchWriter(Generic[T]):
             fails, a ``quarantine-<name>-….jsonl`` file in ``spill_dir``).
         substitute: ``substitute(item, error)`` → an item to write in a quarantined
             one's place, or ``None``.
+        journal: append each queued item to a per-process journal in ``spill_dir``
+            (POSIX), replayed after a crash (see the module docstring).
 
     Example:
         >>> writer = BatchWriter("ledger", sink=store.insert_many, encode=LedgerRow.to_json,
@@ -169,11 +171,11 @@ class BatchWriter(Generic[T]):
         self.stats["queued"] += 1
         if self.normalise is not None:
             item = self._normalised(item)
-        if self.journal and not self._closed:
-            self._journal_item(item)
         if self._closed or len(self._queue) >= self.queue_max:
-            self._spill_items([item])
+            self._spill_items([item])  # on disk already: not journaled too
             return
+        if self.journal:
+            self._journal_item(item)
         self._queue.append(item)
         if len(self._queue) >= self.batch_size:
             self._wake.set()
