@@ -112,6 +112,7 @@ class Fleet:
     pg_url: str
     redis_port: int
     redis_dir: Path
+    spill: Path
     redis: list[subprocess.Popen[bytes]] = field(default_factory=list)  # the current one last
 
     def server_states(self) -> dict[str, str]:
@@ -212,7 +213,7 @@ def fleet(upstream: FakeUpstreamHandle, tmp_path: Path) -> Iterator[Fleet]:
             stack.enter_context(managed_process([haproxy, "-db", "-f", str(FLEET_DIR / "haproxy.cfg")],
                                                 ready_url=f"http://127.0.0.1:{lb_port}/healthz", env=env, name="haproxy"))
             f = Fleet(replicas, f"http://127.0.0.1:{lb_port}/v1", f"http://127.0.0.1:{stats_port}/stats", pg_url,
-                      redis_port, tmp_path, [redis_proc])
+                      redis_port, tmp_path, tmp_path / "spill", [redis_proc])
             for i in range(3):
                 f.wait_state(f"r{i}", "UP")
             yield f
@@ -338,7 +339,11 @@ class TestFleet:
         with Load(fleet.lb_url) as load:
             load.wait_completed(40)
             killed_at = time.monotonic()
+            pid = fleet.replicas[0].process.proc.pid  # type: ignore[union-attr]
             fleet.replicas[0].signal_and_wait(signal.SIGKILL, 10)
+            dead_at = time.monotonic()  # reaped: its sockets are closed, later requests cannot reach it
+            # Rows it had answered but not yet written: in its journal, replayed by a live replica or its restart.
+            orphaned = sum(len(p.read_text().splitlines()) for p in fleet.spill.glob(f"journal-ledger-{pid}-*.jsonl"))
             down_after = fleet.wait_state("r0", "DOWN")
             load.wait_completed(load.completed() + 40)
             fleet.replicas[0].start()  # replays the journal it left
@@ -347,8 +352,11 @@ class TestFleet:
         failed = [o for o in load.outcomes if not o.ok]
         done = {o.request_id for o in load.outcomes if o.ok}
         ledger = fleet.wait_ledger(done)
-        _report("sigkill", load, ledger, lb_marked_down_after_s=round(down_after, 2))
-        assert all(o.started <= killed_at for o in failed), "a request started after the kill failed"
+        _report("sigkill", load, ledger, lb_marked_down_after_s=round(down_after, 2), journal_rows_at_kill=orphaned)
+        assert down_after < 2.0, "HAProxy (inter 300ms, fall 2) did not mark the dead replica down in time"
+        assert not list(fleet.spill.glob(f"journal-ledger-{pid}-*")), "the dead replica's journal was not replayed"
+        assert all(o.started <= dead_at for o in failed), [(round(o.started - killed_at, 3), o.status, o.error, o.body[:200])
+                                                           for o in failed]
         assert len(failed) <= CLIENTS  # at most what was in flight
         # Cut mid-stream (200 then a dropped connection), or no answer at all (a dropped connection, a 502).
         assert all(o.status in (None, 200, 502) and o.ended >= killed_at for o in failed), [(o.status, o.error) for o in failed]
