@@ -122,16 +122,25 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.mark.e2e
 class TestOtlpExport:
+    @pytest.mark.parametrize("source", ["recipe", "env"])
     def test_spans_per_request_and_attempt_reach_an_otlp_receiver(
-            self, receiver: Receiver, upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle, tmp_path: Path) -> None:
+            self, source: str, receiver: Receiver, upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle,
+            tmp_path: Path) -> None:
         """A failover (503 then ok) and a stream: 2 request spans + 3 attempt spans, GenAI
-        attributes, the recipe's headers; exported at SIGTERM despite a 60 s batch delay."""
-        otel = (f'{{exporter: otlp, endpoint: "http://127.0.0.1:{receiver.port}/v1/traces", '
-                f'headers: {{x-otlp-token: "tok-123"}}, service_name: fleet-gw}}')
+        attributes, the headers (from the recipe, or ``otel: true`` and the standard
+        ``OTEL_*`` variables); exported at SIGTERM despite a 60 s batch delay."""
+        env = {"OTEL_BSP_SCHEDULE_DELAY": "60000"}
+        if source == "recipe":
+            otel = (f'{{exporter: otlp, endpoint: "http://127.0.0.1:{receiver.port}/v1/traces", '
+                    f'headers: {{x-otlp-token: "tok-123"}}, service_name: fleet-gw}}')
+        else:
+            otel = "true"
+            env |= {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/traces",
+                    "OTEL_EXPORTER_OTLP_HEADERS": "x-otlp-token=tok-123", "OTEL_SERVICE_NAME": "fleet-gw"}
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(_recipe(upstream_a, upstream_b, otel))
         upstream_a.add_faults({"kind": "status", "status": 503, "times": 1})
-        with gateway_process(recipe, name="otel-gw", env={"OTEL_BSP_SCHEDULE_DELAY": "60000"}) as gw:
+        with gateway_process(recipe, name="otel-gw", env=env) as gw:
             client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=20)
             try:
                 first = client.chat.completions.create(model="fo", messages=[{"role": "user", "content": "hi"}])
