@@ -433,7 +433,8 @@ class ServerConfig(BaseModel):
         0, ge=0, le=300,
         description="`asgi-llm serve`: on SIGTERM, first answer /readyz with 503 for this long while still "
                     "serving, so a balancer takes the replica out before its listener closes (set it above "
-                    "the balancer's check interval x fall count); then drain",
+                    "the balancer's check interval x fall count); then drain. Not with --workers > 1 "
+                    "(one process per replica is what a fleet runs)",
     )
 
     @model_validator(mode="after")
