@@ -27,7 +27,7 @@ import asyncio
 import json
 from typing import Any
 
-__all__ = ["DEFAULT_LIMITS", "ConnectionLimits", "raise_fd_limit", "serve_options"]
+__all__ = ["DEFAULT_LIMITS", "ConnectionLimits", "raise_fd_limit", "run_draining", "serve_options"]
 
 
 class ConnectionLimits:
@@ -211,3 +211,40 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return int(soft)
+
+
+def run_draining(gateway: Any, notice_s: float, **options: Any) -> None:
+    """``uvicorn.run(gateway, **options)`` for one process, with a drain notice: the first
+    SIGTERM makes ``/readyz`` answer 503 for ``notice_s`` seconds while requests are still
+    served (a balancer health-checking ``/readyz`` stops sending new ones), then uvicorn's
+    graceful shutdown starts: the listener closes, requests in flight finish (bounded by
+    ``timeout_graceful_shutdown``), the lifespan shutdown flushes the writers. A second
+    SIGTERM, or SIGINT, stops at once the usual way."""
+    import signal
+    import sys
+    import threading
+
+    import uvicorn
+
+    from asgi_llm.endpoints import mark_draining
+
+    class DrainingServer(uvicorn.Server):
+        noticed = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig == signal.SIGTERM and notice_s > 0 and not self.noticed and not self.should_exit:
+                self.noticed = True
+                mark_draining(gateway)
+                timer = threading.Timer(notice_s, uvicorn.Server.handle_exit, (self, sig, frame))
+                timer.daemon = True
+                timer.start()
+                return
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(gateway, **options))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # pragma: no cover - like uvicorn.run
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE

@@ -39,12 +39,18 @@ def default_recipe() -> Path:
     return STANDALONE
 
 
-def _load(path: Path):  # type: ignore[no-untyped-def]
+def _load(path: Path, *, tracing: bool = False):  # type: ignore[no-untyped-def]
+    """Build the gateway of a recipe (exit 2 with the problems when it is invalid).
+    ``tracing``: also set up the OpenTelemetry SDK for ``observability.otel`` (serve)."""
     from asgi_llm.config import ConfigError, load_config
     from asgi_llm.stack import build_gateway
 
     try:
-        return build_gateway(load_config(path))
+        config = load_config(path)
+        gateway = build_gateway(config)
+        if tracing:
+            _setup_tracing(gateway, config.observability.otel)
+        return gateway
     except ConfigError as exc:
         typer.echo(f"asgi-llm: invalid recipe\n{exc}", err=True)
         raise typer.Exit(2) from None
@@ -53,19 +59,35 @@ def _load(path: Path):  # type: ignore[no-untyped-def]
         raise typer.Exit(2) from None
 
 
+def _setup_tracing(gateway, otel) -> None:  # type: ignore[no-untyped-def]
+    """``observability.otel`` → the SDK's global tracer provider and exporter (serve only:
+    a mounted gateway uses its host's provider), flushed at the gateway's shutdown."""
+    from asgi_llm.observability.tracing import TracingFlush, configure_tracing
+
+    try:
+        provider = configure_tracing(otel)
+    except (ImportError, ValueError) as exc:
+        typer.echo(f"asgi-llm: observability.otel: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if provider is not None:
+        gateway.resources.insert(0, TracingFlush(provider))  # closes last: the writers' spans are exported
+
+
 def app_from_env():  # type: ignore[no-untyped-def]
     """Uvicorn factory for worker processes: builds the gateway from ``$ASGI_LLM_CONFIG``."""
     from asgi_llm.config import load_config
     from asgi_llm.stack import build_gateway
 
-    gateway = build_gateway(load_config(os.environ[_CONFIG_ENV]))
+    config = load_config(os.environ[_CONFIG_ENV])
+    gateway = build_gateway(config)
+    _setup_tracing(gateway, config.observability.otel)
     gateway.tune_gc = True  # the worker process is ours
     return gateway
 
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Recipe file (default: ./recipes/standalone.yaml, else the packaged one).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", envvar=_CONFIG_ENV, help="Recipe file (default: $ASGI_LLM_CONFIG, else ./recipes/standalone.yaml, else the packaged one).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each a full, stateless gateway).")] = 1,
@@ -81,7 +103,7 @@ def serve(
     path = (config or default_recipe()).resolve()
     if config is None:
         typer.echo(f"asgi-llm: no --config, serving {path}", err=True)
-    gateway = _load(path)  # validate before forking workers: fail fast, with the key's path
+    gateway = _load(path, tracing=workers == 1)  # validate before forking workers: fail fast, with the key's path
     raise_fd_limit()  # every connection is a descriptor: use what the system allows (workers inherit it)
     if workers > 1 and gateway.extras.get("state_url", "memory://").startswith("memory://"):
         typer.echo(
@@ -89,12 +111,18 @@ def serve(
             "rate limits, breakers and cache; use redis:// for limits that are exact across workers.",
             err=True,
         )
+    # SIGTERM: uvicorn closes the listening socket at once (a balancer's next check or
+    # connect fails, so it routes elsewhere), lets the requests in flight finish for up to
+    # drain_timeout_s, then runs the lifespan shutdown, which flushes the ledger writers.
+    drain_s = getattr(gateway.server_config, "drain_timeout_s", 30)
     opts = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop="auto", http="auto",
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=drain_s)
     opts.update(serve_options(gateway.server_config))
     if workers == 1:
         gateway.tune_gc = True  # the process is ours
-        uvicorn.run(gateway, lifespan="on", **opts)  # type: ignore[arg-type]
+        from asgi_llm._server import run_draining
+
+        run_draining(gateway, getattr(gateway.server_config, "drain_notice_s", 0), lifespan="on", **opts)
     else:
         _migrate_before_fork(gateway)
         os.environ[_CONFIG_ENV] = str(path)

@@ -57,7 +57,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -77,6 +79,7 @@ __all__ = [
     "ModelConfig",
     "NodesConfig",
     "ObservabilityConfig",
+    "OtelConfig",
     "Price",
     "ProviderConfig",
     "RoutingConfig",
@@ -421,6 +424,18 @@ class ServerConfig(BaseModel):
         64 * 1024, ge=1024, description="`asgi-llm serve`: request line + headers larger than this get 431"
     )
     max_headers: int = Field(100, ge=8, description="`asgi-llm serve`: more request headers than this get 431")
+    drain_timeout_s: float = Field(
+        30, gt=0, le=3600,
+        description="`asgi-llm serve`: on SIGTERM, stop accepting and let requests in flight (streams "
+                    "included) finish for up to this long, then flush the ledger and exit",
+    )
+    drain_notice_s: float = Field(
+        0, ge=0, le=300,
+        description="`asgi-llm serve`: on SIGTERM, first answer /readyz with 503 for this long while still "
+                    "serving, so a balancer takes the replica out before its listener closes (set it above "
+                    "the balancer's check interval x fall count); then drain. Not with --workers > 1 "
+                    "(one process per replica is what a fleet runs)",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> ServerConfig:
@@ -453,6 +468,32 @@ class UsageConfig(BaseModel):
     )
 
 
+class OtelConfig(BaseModel):
+    """OpenTelemetry spans; ``asgi-llm serve`` also sets up the SDK and its exporter.
+
+    Unset options fall back to the standard ``OTEL_*`` environment variables
+    (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``, ``OTEL_SERVICE_NAME``). A gateway mounted in
+    another app uses that app's tracer provider: nothing is set up for it.
+    """
+
+    model_config = _MODEL_CONFIG
+
+    exporter: Literal["otlp", "console", "none"] | None = Field(
+        None, description="`asgi-llm serve`: where spans go: OTLP/HTTP, the console (local use), nowhere "
+                          "(default: $OTEL_TRACES_EXPORTER, else otlp)"
+    )
+    endpoint: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://",
+        description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (default: the OTEL_* env vars, "
+                    "else http://localhost:4318/v1/traces)",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="OTLP request headers, e.g. an API key (`${VAR}` keeps it out of the file)"
+    )
+    service_name: str | None = Field(None, max_length=200, description="service.name (default: $OTEL_SERVICE_NAME, else asgi-llm)")
+
+
 class ObservabilityConfig(BaseModel):
     """Logs, metrics and traces."""
 
@@ -460,7 +501,13 @@ class ObservabilityConfig(BaseModel):
 
     metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics")
     log_json: bool = Field(False, description="configure structlog to print JSON lines (serve)")
-    otel: bool = Field(False, description="OpenTelemetry spans (needs the [otel] extra)")
+    otel: Annotated[
+        Annotated[bool, Tag("on")] | Annotated[OtelConfig, Tag("options")],
+        Discriminator(lambda v: "options" if isinstance(v, (dict, OtelConfig)) else "on"),
+    ] = Field(
+        False, description="OpenTelemetry spans (needs the [otel] extra): true, or exporter options; "
+                           "`asgi-llm serve` configures the SDK (OTLP/HTTP or console)"
+    )
 
 
 class RuleMatch(BaseModel):

@@ -18,10 +18,19 @@ from asgi_llm.errors import ModelNotFoundError, NotFoundError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.routing.router import Router
 
-__all__ = ["GatewayEndpoints", "ReadinessCheck"]
+__all__ = ["GatewayEndpoints", "ReadinessCheck", "mark_draining"]
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
-"""Returns ``None`` when ready, else a short reason (e.g. ``"ledger store unreachable"``)."""
+"""Returns ``None`` when ready, else a short reason (e.g. ``"ledger store unreachable"``).
+
+The checks are of the *shared* stores (Redis, PostgreSQL). ``/readyz`` reports their
+problems but still answers 200 (``"status": "degraded"``): every replica shares those
+stores, so an outage fails the check on all of them at once, and a balancer acting on
+it would empty its whole pool — clients would get the balancer's own error page instead
+of the gateway's OpenAI-shaped answer (``stores.state_failure``: a 503 with
+``Retry-After``, or serving on without limits), and the pool would come back only after
+the balancer's rise interval. A replica that can answer requests stays in the pool; one
+that cannot accept connections (stopping, crashed) fails the check by itself."""
 
 
 class GatewayEndpoints:
@@ -39,6 +48,8 @@ class GatewayEndpoints:
         self.router = router
         self.readiness = list(readiness)
         self.admin = admin
+        self.draining = False
+        """Set once by :func:`mark_draining` (the process is stopping): ``/readyz`` answers 503."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx, receive = await ensure_context(scope, receive)
@@ -77,11 +88,27 @@ class GatewayEndpoints:
         if path == "/healthz":
             await send_json(send, 200, {"status": "ok"}, headers)
             return
+        if self.draining:
+            await send_json(send, 503, {"status": "draining"}, headers)
+            return
         problems = [p for p in [await check() for check in self.readiness] if p]
-        if problems:
-            await send_json(send, 503, {"status": "unavailable", "problems": problems}, headers)
+        if problems:  # shared stores: see ReadinessCheck for why this is not a 503
+            await send_json(send, 200, {"status": "degraded", "problems": problems}, headers)
         else:
             await send_json(send, 200, {"status": "ready"}, headers)
+
+
+def mark_draining(app: object) -> bool:
+    """Make the gateway's ``/readyz`` answer 503 from now on (``asgi-llm serve`` on
+    SIGTERM); requests are still served. Returns whether the endpoints were found."""
+    for _ in range(64):
+        if isinstance(app, GatewayEndpoints):
+            app.draining = True
+            return True
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return False
 
 
 def _model_obj(name: str) -> dict[str, object]:

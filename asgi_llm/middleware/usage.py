@@ -213,6 +213,11 @@ def default_spill_dir(ledger_url: str) -> Path:
     return Path(tempfile.gettempdir()) / "asgi-llm-spill" / hashlib.sha256(ledger_url.encode()).hexdigest()[:16]
 
 
+def _memory_ledger(ledger_url: str) -> bool:
+    """An in-memory SQLite ledger: nothing outlives the process, so no journal to replay."""
+    return ledger_url.startswith("sqlite") and (":memory:" in ledger_url or ledger_url.rstrip("/") in ("sqlite:", "sqlite+pysqlite:"))
+
+
 def config_writer(parts: BuildParts, name: str, *, sink: Any, encode: Any, decode: Any, normalise: Any = None,
                   substitute: Any = None) -> Any:
     """A :class:`~asgi_llm.usage.writer.BatchWriter` with the recipe's ``usage:`` queue
@@ -227,6 +232,7 @@ def config_writer(parts: BuildParts, name: str, *, sink: Any, encode: Any, decod
         spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
         batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
         normalise=normalise, quarantine=quarantine.add, substitute=substitute,
+        journal=not _memory_ledger(parts.config.stores.ledger),  # a crash journal needs a ledger that outlives the process
     )
     parts.resources.append(writer)
     parts.extras.setdefault("writers", []).append(writer)

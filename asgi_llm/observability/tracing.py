@@ -5,11 +5,17 @@ One span per request (``{operation} {model}``, e.g. ``chat gpt-4o-mini``) opened
 per upstream attempt, added by the usage layer when the attempt is known in full (with
 its real start and end times). Never a span per SSE chunk. ``opentelemetry`` is imported
 only when tracing is enabled.
+
+:func:`configure_tracing` is what ``asgi-llm serve`` calls for ``observability.otel``: it
+installs an SDK ``TracerProvider`` with a batching OTLP/HTTP (or console) exporter as the
+global provider. A gateway mounted in another app never calls it: its spans go to the
+host's provider.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -20,7 +26,7 @@ if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
     from asgi_llm.usage.records import LedgerRow
 
-__all__ = ["GatewayTracer"]
+__all__ = ["GatewayTracer", "TracingFlush", "configure_tracing"]
 
 
 class GatewayTracer:
@@ -102,3 +108,74 @@ class GatewayTracer:
             span.set_attribute(sc.ERROR_TYPE, row.error_code or row.outcome)
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, row.error_code or row.outcome))
         span.end(end_time=end_ns)
+
+
+def configure_tracing(otel: Any, environ: Any = None) -> Any:
+    """Set up the OpenTelemetry SDK for ``asgi-llm serve`` from ``observability.otel``.
+
+    ``otel`` is ``False`` (nothing is done; returns ``None``), ``True`` (everything from
+    the standard ``OTEL_*`` environment variables) or an
+    :class:`~asgi_llm.config.OtelConfig` (its options win over the environment).
+    Returns the ``TracerProvider`` installed as the global one (its ``shutdown()``
+    flushes the exporter), or ``None`` for ``exporter: none``.
+
+    Raises ``ImportError`` with a hint when the ``[otel]`` extra is missing.
+    """
+    if not otel:
+        return None
+    env = os.environ if environ is None else environ
+    options = otel if not isinstance(otel, bool) else None
+    exporter_name = (getattr(options, "exporter", None) or env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    if exporter_name == "none":
+        return None
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("observability.otel needs the [otel] extra: pip install 'asgi-llm[otel]'") from exc
+    service = getattr(options, "service_name", None) or env.get("OTEL_SERVICE_NAME") or "asgi-llm"
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if exporter_name == "console":
+        exporter: Any = ConsoleSpanExporter()
+    elif exporter_name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("the OTLP exporter needs the [otel] extra: pip install 'asgi-llm[otel]'") from exc
+        kwargs: dict[str, Any] = {}
+        if getattr(options, "endpoint", None):
+            kwargs["endpoint"] = options.endpoint  # the full traces URL; else OTEL_EXPORTER_OTLP_* apply
+        if getattr(options, "headers", None):
+            kwargs["headers"] = dict(options.headers)
+        exporter = OTLPSpanExporter(**kwargs)
+    else:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported here: use otlp, console or none")
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+class TracingFlush:
+    """A gateway resource that shuts the tracer provider down (exporting what is queued)
+    at the gateway's shutdown: ``asgi-llm serve`` ends by re-raising SIGTERM, which would
+    skip the SDK's ``atexit`` flush. Insert it first, so it closes last."""
+
+    def __init__(self, provider: Any, timeout_s: float = 5.0) -> None:
+        self.provider = provider
+        self.timeout_s = timeout_s
+
+    async def start(self, task_group: Any) -> None:
+        """Nothing to open."""
+
+    async def aclose(self) -> None:
+        """Export the spans still queued (bounded), then stop the exporter, off the event loop."""
+        import anyio.to_thread
+
+        def _flush() -> None:
+            self.provider.force_flush(int(self.timeout_s * 1000))
+            self.provider.shutdown()
+
+        with contextlib.suppress(Exception):  # telemetry never fails a shutdown
+            await anyio.to_thread.run_sync(_flush, abandon_on_cancel=True)

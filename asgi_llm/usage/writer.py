@@ -39,14 +39,28 @@ Replays and retries can repeat a row (a batch whose commit succeeded but whose
 acknowledgement was lost); sinks must be idempotent (the ledger inserts with
 ``ON CONFLICT DO NOTHING`` on ``attempt_id``, the audit log skips known ``event_id`` s).
 
-Only a process killed without shutdown (SIGKILL, power loss) can lose the rows that
-were still in memory — at most ``flush_interval_s`` worth of traffic plus a batch.
+* **journal** (``journal=True``, POSIX): :meth:`put` also appends the row's line to a
+  per-process journal file ``journal-<name>-<pid>-….jsonl`` in ``spill_dir`` — one
+  ``write()`` to the kernel, no ``fsync`` — before it returns, so a *process* crash
+  (SIGKILL, OOM kill) loses no row it had been given: the kernel still writes the file.
+  The journal is a sequence of segments: each flush seals the current one (``fsync`` in a
+  worker thread, off the event loop) and deletes the sealed segments once their rows are
+  written. The process holds an exclusive ``flock`` on its open segment; a segment
+  nobody holds a lock on belongs to a dead process and is claimed (renamed to a spill
+  file) and replayed — at start and on every flush, by whichever process sharing the
+  ``spill_dir`` sees it first. Only a *machine* crash can lose rows: those put since
+  the last flush (``flush_interval_s``), whose segment was not yet ``fsync``-ed.
+  A journal row already written before the crash is written again: sinks are idempotent.
+
+Without the journal, a process killed without shutdown (SIGKILL, power loss) loses the
+rows that were still in memory — at most ``flush_interval_s`` worth of traffic plus a batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import logging
 import os
 import random
@@ -82,6 +96,8 @@ class BatchWriter(Generic[T]):
             fails, a ``quarantine-<name>-….jsonl`` file in ``spill_dir``).
         substitute: ``substitute(item, error)`` → an item to write in a quarantined
             one's place, or ``None``.
+        journal: append each queued item to a per-process journal in ``spill_dir``
+            (POSIX), replayed after a crash (see the module docstring).
 
     Example:
         >>> writer = BatchWriter("ledger", sink=store.insert_many, encode=LedgerRow.to_json,
@@ -110,6 +126,7 @@ class BatchWriter(Generic[T]):
         substitute: Callable[[T, str], T | None] | None = None,
         unknown_retries: int = 3,
         quarantine_timeout_s: float = 10.0,
+        journal: bool = True,
     ) -> None:
         self.name = name
         self.sink = sink
@@ -139,6 +156,11 @@ class BatchWriter(Generic[T]):
         self._scope: anyio.CancelScope | None = None
         self._spill: IO[str] | None = None
         self._spill_path: Path | None = None
+        self.journal = journal and _flock is not None
+        self._journal: IO[str] | None = None
+        self._journal_path: Path | None = None
+        self._journal_failed = False
+        self._sealed: list[tuple[Path, IO[str]]] = []
         self.stats: dict[str, Any] = {"queued": 0, "written": 0, "batches": 0, "failures": 0, "spilled": 0,
                                       "replayed": 0, "bisections": 0, "quarantined": 0, "quarantined_to_file": 0,
                                       "last_error": None}
@@ -150,8 +172,10 @@ class BatchWriter(Generic[T]):
         if self.normalise is not None:
             item = self._normalised(item)
         if self._closed or len(self._queue) >= self.queue_max:
-            self._spill_items([item])
+            self._spill_items([item])  # on disk already: not journaled too
             return
+        if self.journal:
+            self._journal_item(item)
         self._queue.append(item)
         if len(self._queue) >= self.batch_size:
             self._wake.set()
@@ -173,9 +197,10 @@ class BatchWriter(Generic[T]):
         """Flush what is queued (up to ``shutdown_timeout_s``); spill the rest."""
         if self._done is None:
             self._closed = True
-            self._spill_items(list(self._queue))
+            spilled = self._spill_items(list(self._queue))
             self._queue.clear()
             self._close_spill()
+            self._end_journal(delete=spilled)
             return
         self._stopping = True
         self._wake.set()
@@ -188,10 +213,12 @@ class BatchWriter(Generic[T]):
         self._closed = True
         leftover = [*self._inflight, *self._queue]
         self._inflight, self._queue = [], deque()
+        spilled = True
         if leftover:
             log.warning("%s writer: %d rows not written at shutdown were spilled to %s", self.name, len(leftover), self.spill_dir)
-            self._spill_items(leftover)
+            spilled = self._spill_items(leftover)
         self._close_spill()
+        self._end_journal(delete=spilled)  # every row is written or spilled: the journal is not needed
         self._done = None
 
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -225,27 +252,36 @@ class BatchWriter(Generic[T]):
                     with anyio.move_on_after(self.flush_interval_s):
                         await self._wake.wait()
                     self._wake = anyio.Event()
+                    sealed = await self._seal_journal()
                     # Stopping: everything, so nothing is left to spill.
-                    await self._guarded(self._write_now, None if self._stopping else len(self._queue))
+                    if await self._guarded(self._write_now, None if self._stopping else len(self._queue)):
+                        self._drop_segments(sealed)
                     if self._stopping:
                         break
                     await self._guarded(self._replay_spills)
         finally:
             self._scope = None
+            if not self._stopping:
+                # Cancelled without aclose(): unlock the journal, its rows stay on disk for
+                # the next process to replay (it is not ours to delete).
+                self._end_journal(delete=False)
             done.set()
 
     async def _write_now(self, limit: int | None) -> None:
         async with self._write_lock:
             await self._write_queued(limit)
 
-    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
         """Run one step of the loop; an unexpected error is logged and the loop goes on
-        (a loop that died would leave every later row to the shutdown spill)."""
+        (a loop that died would leave every later row to the shutdown spill).
+        Returns whether the step completed."""
         try:
             await fn(*args)
         except Exception:  # noqa: BLE001 - the loop must never stop
             log.exception("%s writer: unexpected error; the writer carries on", self.name)
             await anyio.sleep(self.retry_max_s)
+            return False
+        return True
 
     async def _write_queued(self, limit: int | None) -> None:
         """Write the first ``limit`` queued rows in batches (``None``: until the queue is
@@ -379,9 +415,10 @@ class BatchWriter(Generic[T]):
                           self.name, self.spill_dir, line[:2000])
 
     # ------------------------------------------------------------------ spill files
-    def _spill_items(self, items: list[T]) -> None:
+    def _spill_items(self, items: list[T]) -> bool:
+        """Append items to this process's spill file; returns whether they are on disk."""
         if not items:
-            return
+            return True
         try:
             if self._spill is None:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -392,6 +429,8 @@ class BatchWriter(Generic[T]):
             self.stats["spilled"] += len(items)
         except OSError:
             log.exception("%s writer: cannot spill %d rows to %s — they are lost", self.name, len(items), self.spill_dir)
+            return False
+        return True
 
     def _spill_line(self, item: T) -> str:
         """The item's spill line; one that cannot be encoded is still written (as what
@@ -424,7 +463,98 @@ class BatchWriter(Generic[T]):
             claimed.append(target)
         return claimed
 
+    # ------------------------------------------------------------------ journal
+    def _journal_item(self, item: T) -> None:
+        """Append one row to the journal (one ``write()``; see the module docstring)."""
+        try:
+            if self._journal is None:
+                self._open_journal()
+            assert self._journal is not None
+            self._journal.write(self._spill_line(item) + "\n")
+            self._journal.flush()  # into the kernel: survives the process, not the machine
+            self._journal_failed = False
+        except OSError as exc:
+            if not self._journal_failed:
+                log.error("%s writer: cannot write the journal in %s (%s); rows are held in memory only",
+                          self.name, self.spill_dir, exc)
+            self._journal_failed = True
+            self._journal = None
+
+    def _open_journal(self) -> None:
+        assert _flock is not None
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"journal-{self.name}-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
+        f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open until sealed
+        try:
+            _flock(f.fileno(), exclusive=True, block=False)
+        except OSError:
+            f.close()
+            raise
+        self._journal, self._journal_path = f, path
+
+    async def _seal_journal(self) -> list[Path]:
+        """Seal the current segment (new rows start a new one) and ``fsync`` it in a
+        worker thread; return every segment sealed and not yet dropped. A sealed segment
+        stays open, and so locked, until its rows are written: no other process claims it."""
+        f, path = self._journal, self._journal_path
+        if f is not None and path is not None:
+            self._journal, self._journal_path = None, None
+            self._sealed.append((path, f))
+            with contextlib.suppress(OSError, ValueError):
+                await anyio.to_thread.run_sync(os.fsync, f.fileno())
+        return [p for p, _ in self._sealed]
+
+    def _drop_segments(self, paths: list[Path]) -> None:
+        """Delete journal segments whose rows are all written (or spilled), then unlock them."""
+        keep = []
+        for path, f in self._sealed:
+            if path in paths:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    f.close()
+            else:
+                keep.append((path, f))
+        self._sealed = keep
+
+    def _end_journal(self, *, delete: bool) -> None:
+        f, path = self._journal, self._journal_path
+        self._journal, self._journal_path = None, None
+        if f is not None and path is not None:
+            self._sealed.append((path, f))
+        if delete:
+            self._drop_segments([p for p, _ in self._sealed])
+        for _, sf in self._sealed:  # not deleted (the spill failed): unlocked, for the next start to replay
+            with contextlib.suppress(OSError):
+                sf.close()
+        self._sealed = []
+
+    def _claim_journals(self) -> None:
+        """Turn the journals of dead processes (no lock held on them) into spill files."""
+        if _flock is None or not self.spill_dir.is_dir():
+            return
+        for path in sorted(self.spill_dir.glob(f"journal-{self.name}-*.jsonl")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # gone: written and dropped, or claimed
+            try:
+                try:
+                    _flock(fd, exclusive=True, block=False)
+                except OSError:
+                    continue  # a live process (maybe this one) holds it
+                # Locked by us now: make it a spill file (<name>-….jsonl) for the replay.
+                path.rename(self.spill_dir / f"{self.name}-{path.name.removeprefix(f'journal-{self.name}-')}")
+                log.warning("%s writer: replaying %s, the journal of a process that did not shut down",
+                            self.name, path.name)
+            except OSError:
+                continue  # another process claimed it first
+            finally:
+                os.close(fd)
+
     async def _replay_spills(self) -> None:
+        if self.journal and self.spill_dir.is_dir() and any(self.spill_dir.glob(f"journal-{self.name}-*")):
+            await anyio.to_thread.run_sync(self._claim_journals)
         if not self.spill_dir.is_dir() or not any(self.spill_dir.glob(f"{self.name}-*")):
             return
         for path in await anyio.to_thread.run_sync(self._claim_spills):
@@ -450,6 +580,15 @@ class BatchWriter(Generic[T]):
                         await self._write_queued(len(self._queue))  # live rows do not wait for a long replay
             path.unlink(missing_ok=True)
             log.info("%s writer: replayed spill file %s", self.name, path.name)
+
+
+def _flock_posix(fd: int, *, exclusive: bool, block: bool) -> None:
+    import fcntl
+
+    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if block else fcntl.LOCK_NB))
+
+
+_flock = None if sys.platform == "win32" else _flock_posix
 
 
 def _read_lines(f: IO[str], n: int) -> list[str]:
