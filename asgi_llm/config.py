@@ -579,6 +579,30 @@ class NodesConfig(BaseModel):
         return _request_id_header(value)
 
 
+# --- console (asgi_llm.console) -------------------------------------------------------
+class ConsoleConfig(BaseModel):
+    """The web console at ``path`` (sign in with an admin key; see ``asgi_llm.console``)."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(True, description="serve the web console (it needs auth.admin_keys to sign in)")
+    path: str = Field("/console", pattern=r"^/[A-Za-z0-9._~/-]{0,99}$", description="where the console is served")
+    session_secret: str | None = Field(
+        None, min_length=16, max_length=512,
+        description="signs console sessions (else ASGI_LLM_CONSOLE_SECRET, else one generated and kept in the SQL store)",
+    )
+    session_ttl_s: float = Field(8 * 3600, gt=0, le=30 * 86400, description="how long a console session lasts, seconds")
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        if value == "/" or value.split("/")[1] in ("v1", "admin", "nodes", "healthz", "readyz", "metrics"):
+            raise ValueError("the console path must not be / or shadow the gateway's own paths")
+        return value
+# --- end console ------------------------------------------------------------------------
+
+
 class GatewayConfig(BaseModel):
     """A whole recipe: providers, public models, stores, auth, limits, cache and server."""
 
@@ -595,6 +619,7 @@ class GatewayConfig(BaseModel):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     nodes: NodesConfig = Field(default_factory=NodesConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     def model_names(self) -> list[str]:
         """The public model names, sorted."""
