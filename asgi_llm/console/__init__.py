@@ -121,7 +121,7 @@ class ConsoleApp:
             if sub.startswith("/api/"):
                 await _json(send, 401, _error("Sign in to the console first.", "authentication_error"))
             else:
-                await _redirect(send, self._url(scope, "/signin"), clear=session is not None)
+                await _redirect(send, self._url(scope, "/signin"), clear=self._url(scope, "") if session is not None else None)
             return
         if method in _CHANGING and not self.signer.check_csrf(session, _csrf(scope)):
             await _json(send, 403, _error("Missing or wrong CSRF token: reload the console page and try again.",
@@ -130,7 +130,7 @@ class ConsoleApp:
         if sub.startswith("/api/"):
             await self._replay(scope, receive, send, sub[len("/api"):], principal)
         elif sub == "/signout" and method == "POST":
-            await _redirect(send, self._url(scope, "/signin"), clear=True)
+            await _redirect(send, self._url(scope, "/signin"), clear=self._url(scope, ""))
         elif sub == "/":
             await _redirect(send, self._url(scope, "/overview"))
         elif sub.strip("/") in PAGES and method in ("GET", "HEAD"):
@@ -279,7 +279,7 @@ class ConsoleApp:
 
 def _security_headers() -> list[tuple[bytes, bytes]]:
     return [(b"content-security-policy", _CSP.encode()), (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+            (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
 
 
 def _error(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -293,11 +293,11 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-async def _redirect(send: Send, location: str, *, clear: bool = False,
+async def _redirect(send: Send, location: str, *, clear: str | None = None,
                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [(b"location", location.encode()), (b"content-length", b"0"), *_security_headers(), *(extra or [])]
-    if clear:
-        headers.append((b"set-cookie", f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict".encode()))
+    if clear is not None:  # the cookie's own Path, or the browser keeps it
+        headers.append((b"set-cookie", f"{COOKIE}=; Path={clear}; Max-Age=0; HttpOnly; SameSite=Strict".encode()))
     await send({"type": "http.response.start", "status": 303, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 
