@@ -540,6 +540,10 @@ class NodesConfig(BaseModel):
     token_ttl_s: float = Field(600, gt=0, description="default lifetime of an enrollment token, seconds")
     max_token_ttl_s: float = Field(86_400, gt=0, description="longest enrollment-token lifetime an admin may ask for")
     tunnel: bool = Field(True, description="accept agents that dial in over a WebSocket (/nodes/tunnel)")
+    auto_models: bool = Field(
+        True, description="a model an online node advertises is routable under its own name for the orgs that may "
+                          "use the node, unless the recipe maps that name",
+    )
     timeout_s: float = Field(120, gt=0, description="per-attempt timeout for node targets, seconds")
     ttft_timeout_s: float = Field(60, gt=0, description="streams: max seconds to the first token from a node")
     connect_timeout_s: float = Field(3, gt=0, description="TCP connect timeout to a direct node, seconds")
