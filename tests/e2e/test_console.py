@@ -9,6 +9,8 @@ console errors (there must be none).
 from __future__ import annotations
 
 import csv
+import json
+import time
 import io
 import os
 import sys
@@ -328,3 +330,63 @@ class TestOrgAdmin:
         resp = page.request.get(gateway + "/console/api/admin/keys?org=team-a")
         assert "team-a" not in resp.text()
         watched.check()
+
+
+def node_rows(gateway: str) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in admin(gateway, "GET", "/admin/nodes").json()["data"]}
+
+
+def new_token(gateway: str, org: str = "team-a") -> str:
+    resp = admin(gateway, "POST", "/admin/enrollment-tokens", {"org": org})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["token"])
+
+
+def agent_args(gateway: str, engine: str, state: Path, name: str, port: int, token: str | None) -> list[str]:
+    args = [sys.executable, "-m", "asgi_llm.cli", "node", "join", "--gateway", gateway, "--engine", engine,
+            "--name", name, "--port", str(port), "--state-dir", str(state), "--drain-timeout", "2"]
+    return args + (["--token", token] if token else [])
+
+
+class TestAgentIdentity:
+    """Issue 15 item 5: a new token and name where another node is saved is a new node, two
+    agents share one state directory, and shutdown leaves no unretrieved task exception."""
+
+    def test_new_token_and_name_enroll_a_new_node_and_two_agents_run_side_by_side(
+            self, gateway: str, engine: FakeUpstreamHandle, tmp_path: Path) -> None:
+        import signal
+        import subprocess
+
+        state = tmp_path / "state"
+        pa, pb = free_port(), free_port()
+        with managed_process(agent_args(gateway, engine.base_url, state, "ident-a", pa, new_token(gateway)),
+                             ready_url=f"http://127.0.0.1:{pa}/healthz", name="agent-ident-a", timeout=30) as a:
+            a.proc.send_signal(signal.SIGTERM)
+            assert a.proc.wait(20) == 0
+            log_a = a.log_text()
+        assert "never retrieved" not in log_a and "Traceback" not in log_a, log_a
+        # Measured before: this second agent silently served as ident-a.
+        with managed_process(agent_args(gateway, engine.base_url, state, "ident-b", pb, new_token(gateway)),
+                             ready_url=f"http://127.0.0.1:{pb}/healthz", name="agent-ident-b", timeout=30):
+            rows = node_rows(gateway)
+            assert {"ident-a", "ident-b"} <= set(rows) and rows["ident-a"]["id"] != rows["ident-b"]["id"]
+        assert json.loads((state / "node.json").read_text())["name"] == "ident-a"
+        assert json.loads((state / "node-ident-b.json").read_text())["name"] == "ident-b"
+        # Both restart from their own saved credentials (no token), side by side.
+        with managed_process(agent_args(gateway, engine.base_url, state, "ident-a", pa, None),
+                             ready_url=f"http://127.0.0.1:{pa}/healthz", name="agent-ident-a2", timeout=30), \
+             managed_process(agent_args(gateway, engine.base_url, state, "ident-b", pb, None),
+                             ready_url=f"http://127.0.0.1:{pb}/healthz", name="agent-ident-b2", timeout=30):
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                rows = node_rows(gateway)
+                if rows["ident-a"]["status"] == rows["ident-b"]["status"] == "online":
+                    break
+                time.sleep(0.2)
+            assert rows["ident-a"]["status"] == rows["ident-b"]["status"] == "online", rows
+            assert len([n for n in node_rows(gateway) if n.startswith("ident-")]) == 2
+        # A name with nothing saved and no token: refused, naming what is saved and the flag.
+        out = subprocess.run(agent_args(gateway, engine.base_url, state, "ident-c", free_port(), None),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "node-ident-b.json" in out.stderr + out.stdout and "--name" in out.stderr + out.stdout
