@@ -1,0 +1,158 @@
+"""The console in-process: sessions, CSRF, cookies, revocation, disabled page, assets."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import yaml
+
+from asgi_llm.config import ConfigError, load_config
+from asgi_llm.console.session import SessionSigner
+from asgi_llm.stack import Gateway, build_gateway
+
+pytestmark = pytest.mark.anyio
+ADMIN = "sk-admin-console-units-0123456789"
+
+
+class TestSessionSigner:
+    def test_round_trip_forgery_and_expiry(self) -> None:
+        now = [1000.0]
+        signer = SessionSigner(b"0123456789abcdef0123", ttl_s=60, clock=lambda: now[0])
+        cookie, session = signer.issue("key_1", "team-a")
+        assert signer.read(cookie) == session
+        body, mac = cookie.split(".")
+        assert signer.read(body + "." + mac[:-2] + "AA") is None
+        assert signer.read("x" * 5000) is None and signer.read("") is None and signer.read("a.b.c") is None
+        other = SessionSigner(b"another-secret-0123456789", ttl_s=60, clock=lambda: now[0])
+        assert other.read(cookie) is None  # a replica with another secret refuses it
+        assert signer.check_csrf(session, signer.csrf_token(session))
+        assert not signer.check_csrf(session, None) and not signer.check_csrf(session, "nope")
+        now[0] += 61
+        assert signer.read(cookie) is None
+
+    def test_short_secret_refused(self) -> None:
+        with pytest.raises(ValueError):
+            SessionSigner(b"short", ttl_s=60)
+
+
+def recipe(tmp_path: Path, *, auth: bool = True, console: str = "{enabled: true}") -> Any:
+    data: dict[str, Any] = {
+        "providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}},
+        "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}},
+        "stores": {"ledger": f"sqlite:///{tmp_path / 'gw.db'}"},
+    }
+    if auth:
+        data["auth"] = {"admin_keys": [ADMIN], "pepper": "console-units-pepper-0123456789"}
+    data["console"] = yaml.safe_load(console)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(str(path))
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    gw = build_gateway(recipe(tmp_path))
+    await gw.startup()
+    try:
+        yield gw
+    finally:
+        await gw.shutdown()
+
+
+def client(gw: Gateway, **kw: Any) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw), base_url="http://testserver", **kw)
+
+
+async def sign_in(cl: httpx2.AsyncClient, key: str = ADMIN, **headers: str) -> str:
+    r = await cl.post("/console/signin", data={"admin_key": key}, headers=headers)
+    assert r.status_code == 303, r.text
+    page = await cl.get("/console/keys")
+    match = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+    assert match is not None
+    return match.group(1)
+
+
+class TestConsoleApp:
+    async def test_secure_cookie_behind_https_and_not_on_http(self, gateway: Gateway) -> None:
+        async with client(gateway) as cl:
+            r = await cl.post("/console/signin", data={"admin_key": ADMIN})
+            assert "Secure" not in r.headers["set-cookie"] and "HttpOnly" in r.headers["set-cookie"]
+            r = await cl.post("/console/signin", data={"admin_key": ADMIN}, headers={"x-forwarded-proto": "https"})
+            assert "; Secure" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
+
+    async def test_cross_site_sign_in_refused(self, gateway: Gateway) -> None:
+        async with client(gateway) as cl:
+            r = await cl.post("/console/signin", data={"admin_key": ADMIN}, headers={"origin": "http://evil.example"})
+            assert r.status_code == 403 and "set-cookie" not in r.headers
+
+    async def test_csrf_needed_for_every_change(self, gateway: Gateway) -> None:
+        async with client(gateway) as cl:
+            csrf = await sign_in(cl)
+            for method in ("POST", "DELETE", "PUT", "PATCH"):
+                r = await cl.request(method, "/console/api/admin/keys", json={"name": "x", "org": "o"})
+                assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
+            r = await cl.post("/console/api/admin/keys", json={"name": "x", "org": "o"}, headers={"x-csrf-token": csrf})
+            assert r.status_code == 201 and r.json()["key"].startswith("sk-llm-")
+
+    async def test_revoking_an_org_admin_key_ends_its_session(self, gateway: Gateway) -> None:
+        async with client(gateway) as admin_cl, client(gateway) as org_cl:
+            csrf = await sign_in(admin_cl)
+            made = (await admin_cl.post("/console/api/admin/keys", json={"name": "oa", "org": "o", "scopes": ["admin"]},
+                                        headers={"x-csrf-token": csrf})).json()
+            await sign_in(org_cl, made["key"])
+            assert (await org_cl.get("/console/api/admin/keys")).status_code == 200
+            r = await admin_cl.delete(f"/console/api/admin/keys/{made['id']}", headers={"x-csrf-token": csrf})
+            assert r.status_code == 200
+            assert (await org_cl.get("/console/api/admin/keys")).status_code == 401
+            assert (await org_cl.get("/console/overview")).status_code == 303
+
+    async def test_only_admin_and_playground_paths_are_forwarded(self, gateway: Gateway) -> None:
+        async with client(gateway) as cl:
+            await sign_in(cl)
+            assert (await cl.get("/console/api/nodes/heartbeat")).status_code == 404
+            assert (await cl.get("/console/api/metrics")).status_code == 404
+            r = await cl.get("/console/api/v1/models")  # a recipe admin must name the org
+            assert r.status_code == 400 and r.json()["error"]["param"] == "org"
+            assert (await cl.get("/console/api/v1/models?org=team-a")).json()["data"][0]["id"] == "chat"
+
+    async def test_assets_are_confined_to_the_package(self, gateway: Gateway) -> None:
+        async with client(gateway) as cl:
+            assert (await cl.get("/console/static/console.js")).status_code == 200
+            for bad in ("/console/static/../__init__.py", "/console/static/%2e%2e/session.py", "/console/static/nope.js"):
+                r = await cl.get(bad)  # the client may normalise "..": then it is a page path (sign-in first)
+                assert r.status_code in (303, 404) and "import" not in r.text
+            page = await cl.get("/console/signin")
+            assert "http://" not in page.text and "https://" not in page.text  # no CDN, no remote font
+
+
+async def test_without_auth_the_console_says_how_to_enable_it(tmp_path: Path) -> None:
+    gw = build_gateway(recipe(tmp_path, auth=False))
+    await gw.startup()
+    try:
+        async with client(gw) as cl:
+            r = await cl.get("/console")
+            assert r.status_code == 200 and "admin_keys" in r.text
+            assert (await cl.post("/console/signin", data={"admin_key": "x"})).status_code == 200
+    finally:
+        await gw.shutdown()
+
+
+async def test_disabled_console_is_not_served(tmp_path: Path) -> None:
+    gw = build_gateway(recipe(tmp_path, console="{enabled: false}"))
+    await gw.startup()
+    try:
+        async with client(gw) as cl:
+            assert (await cl.get("/console")).status_code == 404
+    finally:
+        await gw.shutdown()
+
+
+def test_console_path_may_not_shadow_the_gateway(tmp_path: Path) -> None:
+    for path in ("/admin", "/v1/ui", "/"):
+        with pytest.raises(ConfigError):
+            recipe(tmp_path, console=f"{{path: '{path}'}}")
