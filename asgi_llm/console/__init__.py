@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -77,14 +78,17 @@ class ConsoleApp:
 
     Args:
         app: the gateway's composed stack (what console API calls are replayed into).
+        audit: the audit log's sink; sign-ins and sign-outs (refused ones too) are recorded.
         keys: the key ring (``None``: no auth configured — the console explains how to enable it).
         signer: issues and checks session cookies (``None`` until the secret is loaded).
         path: where the console lives (``/console``).
     """
 
     def __init__(self, app: ASGIApp, *, keys: KeyRing | None, path: str = "/console",
-                 signer: SessionSigner | None = None, session_ttl_s: float = 8 * 3600) -> None:
+                 signer: SessionSigner | None = None, session_ttl_s: float = 8 * 3600,
+                 audit: Callable[[Any], None] | None = None) -> None:
         self.app = app
+        self.audit = audit
         self.keys = keys
         self.path = "/" + path.strip("/")
         self.signer = signer
@@ -130,6 +134,7 @@ class ConsoleApp:
         if sub.startswith("/api/"):
             await self._replay(scope, receive, send, sub[len("/api"):], principal)
         elif sub == "/signout" and method == "POST":
+            self._audit("POST " + self.path + "/signout", principal.org, principal.key_id, "allowed", 303, None)
             await _redirect(send, self._url(scope, "/signin"), clear=self._url(scope, ""))
         elif sub == "/":
             await _redirect(send, self._url(scope, "/overview"))
@@ -165,13 +170,28 @@ class ConsoleApp:
             if principal is not None and not principal.has_scope("admin"):
                 principal, error = None, "That key is not an admin key (it lacks the 'admin' scope)."
         if principal is None:
+            self._audit("POST " + self.path + "/signin", "*", "anonymous", "denied", 401, error)
             await self._html(send, "signin.html", {"error": error}, status=401)
             return
+        self._audit("POST " + self.path + "/signin", principal.org, principal.key_id, "allowed", 303, None)
         cookie, _ = self.signer.issue(principal.key_id, principal.org)
         secure = "; Secure" if _is_https(scope) else ""
         header = (f"{COOKIE}={cookie}; Path={self._url(scope, '')}; HttpOnly; SameSite=Strict; "
                   f"Max-Age={int(self.session_ttl_s)}{secure}")
         await _redirect(send, self._url(scope, "/overview"), extra=[(b"set-cookie", header.encode())])
+
+    def _audit(self, action: str, org: str, actor: str, verdict: str, status: int, error: str | None) -> None:
+        """Record a console sign-in/out in the audit log (never the key itself)."""
+        if self.audit is None:
+            return
+        from asgi_llm.audit.chain import AuditEvent
+        from asgi_llm.context import new_request_id
+
+        try:
+            self.audit(AuditEvent(kind="admin", org=org, actor=actor, action=action, verdict=verdict, status=status,
+                                  request_id=new_request_id(), detail={"console": True, **({"error": error} if error else {})}))
+        except Exception:  # the audit writer's own bounds/quarantine apply; a sign-in never 500s
+            log.warning("console: could not queue an audit event", exc_info=True)
 
     async def _principal(self, session: Session) -> Principal | None:
         """The session's admin principal, re-checked now (revoked/expired keys end sessions)."""
@@ -389,7 +409,9 @@ def build_console(parts: BuildParts, gateway: Gateway) -> None:
     if cfg is None or not cfg.enabled:
         return
     keys = parts.extras.get("keyring")
-    console = ConsoleApp(gateway.app, keys=keys, path=cfg.path, session_ttl_s=cfg.session_ttl_s)
+    writer = parts.extras.get("audit_writer")
+    console = ConsoleApp(gateway.app, keys=keys, path=cfg.path, session_ttl_s=cfg.session_ttl_s,
+                         audit=writer.put if writer is not None else None)
     if keys is not None:
         secret = cfg.session_secret or os.environ.get("ASGI_LLM_CONSOLE_SECRET") or None
         gateway.resources.append(_ConsoleResource(console, secret=secret, keys=keys, ttl_s=cfg.session_ttl_s))

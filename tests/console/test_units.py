@@ -156,3 +156,15 @@ def test_console_path_may_not_shadow_the_gateway(tmp_path: Path) -> None:
     for path in ("/admin", "/v1/ui", "/"):
         with pytest.raises(ConfigError):
             recipe(tmp_path, console=f"{{path: '{path}'}}")
+
+
+async def test_sign_ins_land_in_the_audit_log(gateway: Gateway) -> None:
+    async with client(gateway) as cl:
+        assert (await cl.post("/console/signin", data={"admin_key": "sk-wrong-key"})).status_code == 401
+        await sign_in(cl)
+        assert (await cl.get("/console/api/admin/audit/verify")).json()["ok"]  # flushes the writer first
+        r = await cl.get("/console/api/admin/audit?limit=100")
+        events = [(e["action"], e["actor"], e["verdict"]) for e in r.json()["data"]]
+        assert ("POST /console/signin", "anonymous", "denied") in events
+        assert ("POST /console/signin", "admin:0", "allowed") in events
+        assert "sk-wrong-key" not in r.text
