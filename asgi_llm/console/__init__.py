@@ -174,7 +174,8 @@ class ConsoleApp:
             await self._html(send, "signin.html", {"error": error}, status=401)
             return
         self._audit("POST " + self.path + "/signin", principal.org, principal.key_id, "allowed", 303, None)
-        cookie, _ = self.signer.issue(principal.key_id, principal.org)
+        digest = self.keys.static_fingerprint(principal.key_id)
+        cookie, _ = self.signer.issue(principal.key_id, principal.org, self.signer.tag(digest) if digest else "")
         secure = "; Secure" if _is_https(scope) else ""
         header = (f"{COOKIE}={cookie}; Path={self._url(scope, '')}; HttpOnly; SameSite=Strict; "
                   f"Max-Age={int(self.session_ttl_s)}{secure}")
@@ -198,7 +199,10 @@ class ConsoleApp:
         assert self.keys is not None
         for p in self.keys.static_principals:
             if p.key_id == session.key_id:
-                return p if p.has_scope("admin") else None
+                digest = self.keys.static_fingerprint(p.key_id)
+                same_key = digest is not None and self.signer is not None and secrets.compare_digest(
+                    session.fingerprint, self.signer.tag(digest))
+                return p if same_key and p.has_scope("admin") and p.org == session.org else None
         try:
             record = await self.keys.get_key(session.key_id)
         except Exception:

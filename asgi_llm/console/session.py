@@ -30,6 +30,7 @@ class Session:
     org: str
     expires_at: float
     nonce: str
+    fingerprint: str = ""  # recipe keys: KeyRing.static_fingerprint at sign-in
 
 
 def _b64(data: bytes) -> str:
@@ -53,10 +54,10 @@ class SessionSigner:
     def _mac(self, purpose: bytes, data: bytes) -> str:
         return _b64(hmac.new(self._secret, purpose + b"\0" + data, hashlib.sha256).digest())
 
-    def issue(self, key_id: str, org: str) -> tuple[str, Session]:
+    def issue(self, key_id: str, org: str, fingerprint: str = "") -> tuple[str, Session]:
         """A new cookie value and the session it carries."""
-        session = Session(key_id, org, self._clock() + self.ttl_s, secrets.token_urlsafe(16))  # type: ignore[operator]
-        body = _b64(json.dumps({"k": key_id, "o": org, "e": session.expires_at, "n": session.nonce},
+        session = Session(key_id, org, self._clock() + self.ttl_s, secrets.token_urlsafe(16), fingerprint)  # type: ignore[operator]
+        body = _b64(json.dumps({"k": key_id, "o": org, "e": session.expires_at, "n": session.nonce, "f": fingerprint},
                                separators=(",", ":")).encode())
         return f"{body}.{self._mac(b'session', body.encode())}", session
 
@@ -69,12 +70,16 @@ class SessionSigner:
             return None
         try:
             data = json.loads(_unb64(body))
-            session = Session(str(data["k"]), str(data["o"]), float(data["e"]), str(data["n"]))
+            session = Session(str(data["k"]), str(data["o"]), float(data["e"]), str(data["n"]), str(data.get("f", "")))
         except (ValueError, KeyError, TypeError):
             return None
         if session.expires_at <= self._clock():  # type: ignore[operator]
             return None
         return session
+
+    def tag(self, text: str) -> str:
+        """A keyed tag of ``text`` (what a session keeps of its recipe key's digest)."""
+        return self._mac(b"key", text.encode())[:22]
 
     def csrf_token(self, session: Session) -> str:
         """The CSRF token of a session (sent back in ``x-csrf-token`` on every change)."""

@@ -40,14 +40,14 @@ class TestSessionSigner:
             SessionSigner(b"short", ttl_s=60)
 
 
-def recipe(tmp_path: Path, *, auth: bool = True, console: str = "{enabled: true}") -> Any:
+def recipe(tmp_path: Path, *, auth: bool = True, console: str = "{enabled: true}", admin_key: str = ADMIN) -> Any:
     data: dict[str, Any] = {
         "providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}},
         "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}},
         "stores": {"ledger": f"sqlite:///{tmp_path / 'gw.db'}"},
     }
     if auth:
-        data["auth"] = {"admin_keys": [ADMIN], "pepper": "console-units-pepper-0123456789"}
+        data["auth"] = {"admin_keys": [admin_key], "pepper": "console-units-pepper-0123456789"}
     data["console"] = yaml.safe_load(console)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -168,3 +168,25 @@ async def test_sign_ins_land_in_the_audit_log(gateway: Gateway) -> None:
         assert ("POST /console/signin", "anonymous", "denied") in events
         assert ("POST /console/signin", "admin:0", "allowed") in events
         assert "sk-wrong-key" not in r.text
+
+
+async def test_a_session_ends_when_the_recipe_puts_another_key_at_its_position(tmp_path: Path) -> None:
+    """Recipe key ids are positional (admin:0): a new key there is not the signed-in one.
+    Both gateways share the SQL store, so the generated session secret too (as replicas do)."""
+    gw = build_gateway(recipe(tmp_path))
+    await gw.startup()
+    try:
+        async with client(gw) as cl:
+            await sign_in(cl)
+            cookie = cl.cookies.get("asgi_llm_console")
+    finally:
+        await gw.shutdown()
+    for key, status in ((ADMIN, 200), ("sk-admin-rotated-key-0123456789", 401)):
+        gw2 = build_gateway(recipe(tmp_path, admin_key=key))
+        await gw2.startup()
+        try:
+            async with client(gw2) as cl:
+                r = await cl.get("/console/api/admin/keys", headers={"cookie": f"asgi_llm_console={cookie}"})
+                assert r.status_code == status, key
+        finally:
+            await gw2.shutdown()
