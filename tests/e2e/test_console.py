@@ -277,12 +277,15 @@ class TestNodes:
 class TestUsageAndAudit:
     def test_charts_tables_csv_and_verified_chain(self, watched: Watched, gateway: str) -> None:
         c = openai.OpenAI(base_url=gateway + "/v1", api_key=TEAM_A, max_retries=0, timeout=20)
-        c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "usage please"}])
+        for model in ("chat", "chat-b"):  # the same prompt over two routes
+            c.chat.completions.create(model=model, messages=[{"role": "user", "content": "usage please"}])
         admin(gateway, "POST", "/admin/usage/flush")
         page = sign_in(watched, gateway)
         page.get_by_role("link", name="Usage", exact=True).click()
         expect(page.locator("#chart-requests svg rect").first).to_be_attached()
         expect(page.locator("#usage-table tbody tr").first).to_contain_text("chat")
+        expect(page.locator("#usage-compare tbody")).to_contain_text("provider-a")
+        expect(page.locator("#usage-compare tbody")).to_contain_text("provider-b")
         page.get_by_label("Group by").select_option("route")
         expect(page.locator("#usage-table tbody")).to_contain_text("provider-a")
         with page.expect_download() as info:

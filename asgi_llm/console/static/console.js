@@ -399,7 +399,7 @@
       barChart($("#chart-cost"), pts((d) => parseFloat(d.cost_usd || "0")), (v) => "$" + v.toFixed(6));
       try {
         const cmp = await api("GET", withOrg("/admin/usage/compare?since=" + encodeURIComponent(since)));
-        fillTable("#usage-compare", cmp.data || [], ["route", "requests", "cost_per_request_usd", (r) => r.latency_p50_ms || r.p50_latency_ms || ""]);
+        fillTable("#usage-compare", cmp.data || [], [(r) => String(r.prompt_hash || "").slice(0, 12), "route", "requests", "cost_per_request_usd", (r) => r.avg_latency_ms === undefined ? "" : r.avg_latency_ms + " ms"]);
       } catch (e) { /* comparison needs prompt hashes */ }
     };
     $("#usage-group").addEventListener("change", () => load().catch((e) => showError(e.message)));
