@@ -111,13 +111,13 @@ class ConsoleApp:
             await self._static(sub[len("/static/"):], send)
             return
         if self.keys is None or self.signer is None:
-            await self._html(send, "disabled.html", {}, status=200)
+            await self._html(send, "disabled.html", {"base": self._url(scope, "")}, status=200)
             return
         if sub == "/signin":
             if method == "POST":
                 await self._signin(scope, receive, send)
             else:
-                await self._html(send, "signin.html", {"error": None})
+                await self._html(send, "signin.html", {"error": None, "base": self._url(scope, "")})
             return
         session = self.signer.read(_cookie(scope))
         principal = await self._principal(session) if session is not None else None
@@ -151,7 +151,8 @@ class ConsoleApp:
     async def _signin(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.keys is not None and self.signer is not None
         if not _same_origin(scope):
-            await self._html(send, "signin.html", {"error": "Sign-in from another site refused."}, status=403)
+            await self._html(send, "signin.html", {"error": "Sign-in from another site refused.", "base": self._url(scope, "")},
+                             status=403)
             return
         form = await _read_form(receive)
         key = (form or {}).get("admin_key", "").strip()
@@ -171,7 +172,7 @@ class ConsoleApp:
                 principal, error = None, "That key is not an admin key (it lacks the 'admin' scope)."
         if principal is None:
             self._audit("POST " + self.path + "/signin", "*", "anonymous", "denied", 401, error)
-            await self._html(send, "signin.html", {"error": error}, status=401)
+            await self._html(send, "signin.html", {"error": error, "base": self._url(scope, "")}, status=401)
             return
         self._audit("POST " + self.path + "/signin", principal.org, principal.key_id, "allowed", 303, None)
         digest = self.keys.static_fingerprint(principal.key_id)

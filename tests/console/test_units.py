@@ -190,3 +190,18 @@ async def test_a_session_ends_when_the_recipe_puts_another_key_at_its_position(t
                 assert r.status_code == status, key
         finally:
             await gw2.shutdown()
+
+
+async def test_mounted_in_a_host_app_under_a_prefix(gateway: Gateway) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    host = Starlette(routes=[Mount("/llm", app=gateway)])
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=host), base_url="http://testserver") as cl:
+        page = await cl.get("/llm/console/signin")
+        assert 'action="/llm/console/signin"' in page.text and "/llm/console/static/console.css" in page.text
+        r = await cl.post("/llm/console/signin", data={"admin_key": ADMIN})
+        assert r.status_code == 303 and r.headers["location"] == "/llm/console/overview"
+        assert "Path=/llm/console;" in r.headers["set-cookie"]
+        keys = await cl.get("/llm/console/api/admin/keys")
+        assert keys.status_code == 200 and keys.json()["object"] == "list"
