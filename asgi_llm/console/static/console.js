@@ -52,6 +52,7 @@
   function fillTable(sel, rows, cols) {
     const tbody = $(sel + " tbody");
     tbody.replaceChildren();
+    $(sel).dataset.loaded = "true";  // filled at least once (tests and scripts wait for it)
     for (const r of rows) {
       const tr = document.createElement("tr");
       for (const c of cols) cell(tr, typeof c === "function" ? c(r) : r[c]);
