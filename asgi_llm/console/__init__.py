@@ -275,8 +275,9 @@ class ConsoleApp:
                     return
             else:
                 query.pop("org", None)
+            # The admin key's own model allow-list holds in the playground too.
             principal = Principal(key_id=f"console:{admin.key_id}", org=org, scopes=frozenset({"inference"}),
-                                  name="console playground")
+                                  models=admin.models, name="console playground")
         else:
             await _json(send, 404, _error(f"The console does not forward {target}.", "not_found_error"))
             return

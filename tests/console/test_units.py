@@ -43,7 +43,8 @@ class TestSessionSigner:
 def recipe(tmp_path: Path, *, auth: bool = True, console: str = "{enabled: true}", admin_key: str = ADMIN) -> Any:
     data: dict[str, Any] = {
         "providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}},
-        "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}},
+        "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]},
+                   "chat-2": {"targets": [{"provider": "a", "model": "m2"}]}},
         "stores": {"ledger": f"sqlite:///{tmp_path / 'gw.db'}"},
     }
     if auth:
@@ -118,7 +119,7 @@ class TestConsoleApp:
             assert (await cl.get("/console/api/metrics")).status_code == 404
             r = await cl.get("/console/api/v1/models")  # a recipe admin must name the org
             assert r.status_code == 400 and r.json()["error"]["param"] == "org"
-            assert (await cl.get("/console/api/v1/models?org=team-a")).json()["data"][0]["id"] == "chat"
+            assert {m["id"] for m in (await cl.get("/console/api/v1/models?org=team-a")).json()["data"]} == {"chat", "chat-2"}
 
     async def test_assets_are_confined_to_the_package(self, gateway: Gateway) -> None:
         async with client(gateway) as cl:
@@ -205,3 +206,14 @@ async def test_mounted_in_a_host_app_under_a_prefix(gateway: Gateway) -> None:
         assert "Path=/llm/console;" in r.headers["set-cookie"]
         keys = await cl.get("/llm/console/api/admin/keys")
         assert keys.status_code == 200 and keys.json()["object"] == "list"
+
+
+async def test_playground_runs_as_the_org_admins_org_and_model_list(gateway: Gateway) -> None:
+    async with client(gateway) as admin_cl, client(gateway) as org_cl:
+        csrf = await sign_in(admin_cl)
+        made = (await admin_cl.post("/console/api/admin/keys", headers={"x-csrf-token": csrf}, json={
+            "name": "oa", "org": "team-x", "scopes": ["admin"], "models": ["chat"]})).json()
+        await sign_in(org_cl, made["key"])
+        r = await org_cl.get("/console/api/v1/models?org=someone-else")  # the org parameter is ignored
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["chat"]
+        assert (await admin_cl.get("/console/api/v1/models?org=team-x")).json()["data"][0]["id"] in ("chat", "chat-2")
