@@ -61,3 +61,25 @@ class TestAutoModels:
         router, _ = make_router()
         route = router.get("m-new")
         assert route is not None and route is router.get("m-new")  # one stable object per name
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_recipe_switch(tmp_path: object, auto: bool) -> None:
+    """``nodes.auto_models`` decides whether the registry feeds the router."""
+    from pathlib import Path
+
+    import yaml
+
+    from asgi_llm.config import load_config
+    from asgi_llm.stack import build_gateway
+
+    path = Path(str(tmp_path)) / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}},
+        "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}},
+        "auth": {"admin_keys": ["sk-admin-auto-models-0123456789"]},
+        "stores": {"ledger": f"sqlite:///{Path(str(tmp_path)) / 'gw.db'}"},
+        "nodes": {"auto_models": auto},
+    }))
+    gateway = build_gateway(load_config(str(path)))
+    assert (gateway.router.auto_models is not None) is auto
