@@ -80,6 +80,12 @@ class NodeTargets:
     context_window: int | None = None
     prefill: bool = True
 
+    @property
+    def route(self) -> str:
+        """A name for the selector where a route name is expected (cache keys, price
+        lookups): ``nodes:<selector>/<model>`` — never a real target's route."""
+        return f"nodes:{self.selector}/{self.model}"
+
 
 _AUTO_MAX = 10_000  # auto-routed names remembered (a bound: names come from nodes)
 

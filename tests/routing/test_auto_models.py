@@ -83,3 +83,9 @@ def test_recipe_switch(tmp_path: object, auto: bool) -> None:
     }))
     gateway = build_gateway(load_config(str(path)))
     assert (gateway.router.auto_models is not None) is auto
+
+
+def test_node_selector_has_a_route_name() -> None:
+    """Cache keys and price lookups read ``.route`` of a model's targets: a node selector
+    (recipe or auto-routed) answers with its own name instead of raising AttributeError."""
+    assert NodeTargets("any", model="m-new").route == "nodes:any/m-new"
