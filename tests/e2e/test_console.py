@@ -78,6 +78,7 @@ usage: {{flush_interval_s: 0.05}}
 nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 3, allowed_networks: ["127.0.0.1/32"]}}
 routing: {{health: {{probe_interval_s: 0}}}}
 console: {{enabled: true, path: /console}}
+cache: {{enabled: true}}
 """)
     with gateway_process(recipe, name="console-gateway") as gw:
         yield gw.url
@@ -268,6 +269,11 @@ class TestNodes:
             assert "m-new" in [m.id for m in a.models.list()]
             ok = a.chat.completions.create(model="m-new", messages=[{"role": "user", "content": "hi"}])
             assert ok.choices[0].message.content
+            # Deterministic requests go through the cache, which names the model's targets.
+            for expected in ("MISS", "HIT"):
+                raw = a.chat.completions.with_raw_response.create(
+                    model="m-new", temperature=0, messages=[{"role": "user", "content": "cache me"}])
+                assert raw.headers["x-asgi-llm-cache"] == expected
             assert "m-new" not in [m.id for m in b.models.list()]
             with pytest.raises(openai.NotFoundError):
                 b.chat.completions.create(model="m-new", messages=[{"role": "user", "content": "hi"}])
