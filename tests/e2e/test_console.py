@@ -255,6 +255,7 @@ class TestNodes:
         token = page.locator("#node-token").inner_text().strip()
         command = page.locator("#node-command").inner_text()
         assert command.startswith(f"asgi-llm node join --gateway {gateway} --token {token}")
+        assert "asgi-llm node install-service" in page.locator("#node-unit").inner_text()
         port = free_port()
         args = [sys.executable, "-m", "asgi_llm.cli", "node", "join", "--gateway", gateway, "--token", token,
                 "--engine", engine.base_url, "--name", "console-node", "--port", str(port),

@@ -334,7 +334,7 @@
         $("#node-expires").textContent = fmtTime(res.expires_at);
         $("#node-command").textContent = "asgi-llm node join --gateway " + gw + " --token " + res.token + " --engine http://127.0.0.1:8080/v1 --name my-node";
         $("#node-container").textContent = "docker run --rm --network host python:3.11-slim sh -c \"pip install asgi-llm && asgi-llm node join --gateway " + gw + " --token " + res.token + " --engine http://127.0.0.1:8080/v1 --tunnel\"";
-        $("#node-unit").textContent = "[Unit]\nDescription=asgi-llm node agent\nAfter=network-online.target\n\n[Service]\nExecStart=/usr/local/bin/asgi-llm node join --gateway " + gw + " --token " + res.token + " --engine http://127.0.0.1:8080/v1 --tunnel\nRestart=on-failure\n\n[Install]\nWantedBy=multi-user.target";
+        $("#node-unit").textContent = "ASGI_LLM_ENROLLMENT_TOKEN=" + res.token + " asgi-llm node install-service --gateway " + gw + " --engine http://127.0.0.1:8080/v1 --tunnel";
         $("#node-enroll").hidden = false;
         showError("");
       } catch (e) { showError(e.message); }
