@@ -41,9 +41,9 @@ stores: {{ledger: "sqlite:///{Path(tmp) / 'gw.db'}"}}
 console: {{enabled: true, path: /console}}
 """)
         with gateway_process(recipe) as gw:
-            client = openai.OpenAI(base_url=gw.base_url, api_key="sk-team-a-screenshot", max_retries=0)
-            for model in ("chat", "chat-b", "chat"):
-                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "warm up"}])
+            with openai.OpenAI(base_url=gw.base_url, api_key="sk-team-a-screenshot", max_retries=0) as client:
+                for model in ("chat", "chat-b", "chat"):
+                    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "warm up"}])
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
                 page = browser.new_page(viewport={"width": 1280, "height": 760})

@@ -14,7 +14,7 @@ import time
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,20 @@ def watched(browser: Browser, gateway: str) -> Iterator[Watched]:
         context.close()
 
 
+@pytest.fixture
+def sdk(gateway: str) -> Iterator[Callable[[str], openai.OpenAI]]:
+    """Official SDK clients for the gateway, closed at teardown (no socket left to GC)."""
+    clients: list[openai.OpenAI] = []
+
+    def make(key: str) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=gateway + "/v1", api_key=key, max_retries=0, timeout=20))
+        return clients[-1]
+
+    yield make
+    for c in clients:
+        c.close()
+
+
 def admin(gateway: str, method: str, path: str, body: Any = None, key: str = ADMIN) -> httpx2.Response:
     with httpx2.Client(timeout=10, trust_env=False) as http:
         return http.request(method, gateway + path, json=body, headers={"authorization": f"Bearer {key}"})
@@ -218,7 +232,7 @@ class TestPlayground:
 
 
 class TestKeys:
-    def test_create_use_revoke(self, watched: Watched, gateway: str) -> None:
+    def test_create_use_revoke(self, watched: Watched, gateway: str, sdk: Callable[[str], openai.OpenAI]) -> None:
         page = sign_in(watched, gateway)
         page.get_by_role("link", name="Keys", exact=True).click()
         page.get_by_role("button", name="Create key").click()
@@ -228,7 +242,7 @@ class TestKeys:
         secret_box = page.locator("#key-secret-value")
         expect(secret_box).to_contain_text("sk-llm-")
         secret = secret_box.inner_text().strip()
-        client = openai.OpenAI(base_url=gateway + "/v1", api_key=secret, max_retries=0, timeout=20)
+        client = sdk(secret)
         answer = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content
         row = page.get_by_role("row").filter(has_text="browser-made")
@@ -246,7 +260,8 @@ class TestKeys:
 
 class TestNodes:
     def test_a_real_agent_enrolled_from_the_page_shows_online_without_reload(
-            self, watched: Watched, gateway: str, engine: FakeUpstreamHandle, tmp_path: Path) -> None:
+            self, watched: Watched, gateway: str, sdk: Callable[[str], openai.OpenAI], engine: FakeUpstreamHandle,
+            tmp_path: Path) -> None:
         page = sign_in(watched, gateway)
         page.get_by_role("link", name="Nodes", exact=True).click()
         page.get_by_label("Org", exact=True).fill("team-a")
@@ -265,8 +280,8 @@ class TestNodes:
             expect(row).to_contain_text("online", timeout=15000)
             expect(row).to_contain_text("m-new")
             # Point-and-enroll: the advertised model is routable for the node's org only.
-            a = openai.OpenAI(base_url=gateway + "/v1", api_key=TEAM_A, max_retries=0, timeout=20)
-            b = openai.OpenAI(base_url=gateway + "/v1", api_key=TEAM_B, max_retries=0, timeout=20)
+            a = sdk(TEAM_A)
+            b = sdk(TEAM_B)
             assert "m-new" in [m.id for m in a.models.list()]
             ok = a.chat.completions.create(model="m-new", messages=[{"role": "user", "content": "hi"}])
             assert ok.choices[0].message.content
@@ -282,8 +297,8 @@ class TestNodes:
 
 
 class TestUsageAndAudit:
-    def test_charts_tables_csv_and_verified_chain(self, watched: Watched, gateway: str) -> None:
-        c = openai.OpenAI(base_url=gateway + "/v1", api_key=TEAM_A, max_retries=0, timeout=20)
+    def test_charts_tables_csv_and_verified_chain(self, watched: Watched, gateway: str, sdk: Callable[[str], openai.OpenAI]) -> None:
+        c = sdk(TEAM_A)
         for model in ("chat", "chat-b"):  # the same prompt over two routes
             c.chat.completions.create(model=model, messages=[{"role": "user", "content": "usage please"}])
         admin(gateway, "POST", "/admin/usage/flush")
@@ -308,13 +323,13 @@ class TestUsageAndAudit:
 
 
 class TestOrgAdmin:
-    def test_an_org_admin_sees_only_its_org(self, watched: Watched, gateway: str) -> None:
+    def test_an_org_admin_sees_only_its_org(self, watched: Watched, gateway: str, sdk: Callable[[str], openai.OpenAI]) -> None:
         made = admin(gateway, "POST", "/admin/keys", {"org": "team-b", "name": "b-admin", "scopes": ["admin"]})
         assert made.status_code == 201, made.text
         admin(gateway, "POST", "/admin/keys", {"org": "team-a", "name": "a-secret-key"})
-        b = openai.OpenAI(base_url=gateway + "/v1", api_key=TEAM_B, max_retries=0, timeout=20)
+        b = sdk(TEAM_B)
         b.chat.completions.create(model="chat-b", messages=[{"role": "user", "content": "from b"}])
-        a = openai.OpenAI(base_url=gateway + "/v1", api_key=TEAM_A, max_retries=0, timeout=20)
+        a = sdk(TEAM_A)
         a.chat.completions.create(model="chat", messages=[{"role": "user", "content": "from a"}])
         admin(gateway, "POST", "/admin/usage/flush")
         page = sign_in(watched, gateway, made.json()["key"])
