@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,9 @@ _ADMIN_PREFIX = "/admin/"
 _INFERENCE_PATHS = ("/v1/chat/completions", "/v1/models")
 _FORWARD_HEADERS = {b"content-type", b"content-length", b"accept"}
 _CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+_MAX_FAILURES = 10  # refused sign-ins per client address per window, then 429
+_FAILURE_WINDOW_S = 60.0
+_MAX_TRACKED_CLIENTS = 10_000
 
 
 def _templates() -> Any:
@@ -94,6 +99,8 @@ class ConsoleApp:
         self.signer = signer
         self.session_ttl_s = session_ttl_s
         self.env = _templates()
+        # Refused sign-ins per client address in the last minute (bounded; per process).
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
 
     # ------------------------------------------------------------------ ASGI
 
@@ -154,6 +161,14 @@ class ConsoleApp:
             await self._html(send, "signin.html", {"error": "Sign-in from another site refused.", "base": self._url(scope, "")},
                              status=403)
             return
+        client = str((scope.get("client") or ("?",))[0])
+        wait = self._throttled(client)
+        if wait:
+            self._audit("POST " + self.path + "/signin", "*", "anonymous", "rate_limited", 429, "too many failed sign-ins")
+            await self._html(send, "signin.html", {
+                "error": f"Too many failed sign-ins from this address: wait {wait} s and try again.",
+                "base": self._url(scope, "")}, status=429)
+            return
         form = await _read_form(receive)
         key = (form or {}).get("admin_key", "").strip()
         error = None
@@ -171,6 +186,7 @@ class ConsoleApp:
             if principal is not None and not principal.has_scope("admin"):
                 principal, error = None, "That key is not an admin key (it lacks the 'admin' scope)."
         if principal is None:
+            self._failed(client)
             self._audit("POST " + self.path + "/signin", "*", "anonymous", "denied", 401, error)
             await self._html(send, "signin.html", {"error": error, "base": self._url(scope, "")}, status=401)
             return
@@ -181,6 +197,24 @@ class ConsoleApp:
         header = (f"{COOKIE}={cookie}; Path={self._url(scope, '')}; HttpOnly; SameSite=Strict; "
                   f"Max-Age={int(self.session_ttl_s)}{secure}")
         await _redirect(send, self._url(scope, "/overview"), extra=[(b"set-cookie", header.encode())])
+
+    def _throttled(self, client: str) -> int:
+        """Seconds ``client`` must wait before trying again (0: it may try now)."""
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(client, ()) if now - t < _FAILURE_WINDOW_S]
+        if recent:
+            self._failures[client] = recent
+        else:
+            self._failures.pop(client, None)
+        if len(recent) < _MAX_FAILURES:
+            return 0
+        return max(1, int(_FAILURE_WINDOW_S - (now - recent[0])) + 1)
+
+    def _failed(self, client: str) -> None:
+        self._failures.setdefault(client, []).append(time.monotonic())
+        self._failures.move_to_end(client)
+        while len(self._failures) > _MAX_TRACKED_CLIENTS:
+            self._failures.popitem(last=False)
 
     def _audit(self, action: str, org: str, actor: str, verdict: str, status: int, error: str | None) -> None:
         """Record a console sign-in/out in the audit log (never the key itself)."""
@@ -211,8 +245,6 @@ class ConsoleApp:
             return None
         if record is None or record.revoked_at is not None:
             return None
-        import time
-
         if record.expires_at is not None and record.expires_at <= time.time():
             return None
         principal = record.principal()

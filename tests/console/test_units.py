@@ -217,3 +217,11 @@ async def test_playground_runs_as_the_org_admins_org_and_model_list(gateway: Gat
         r = await org_cl.get("/console/api/v1/models?org=someone-else")  # the org parameter is ignored
         assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["chat"]
         assert (await admin_cl.get("/console/api/v1/models?org=team-x")).json()["data"][0]["id"] in ("chat", "chat-2")
+
+
+async def test_repeated_wrong_keys_are_throttled(gateway: Gateway) -> None:
+    async with client(gateway) as cl:
+        statuses = [(await cl.post("/console/signin", data={"admin_key": f"sk-guess-{i}"})).status_code for i in range(11)]
+        assert statuses == [401] * 10 + [429]
+        r = await cl.post("/console/signin", data={"admin_key": ADMIN})  # even the right key waits
+        assert r.status_code == 429 and 'role="alert"' in r.text and "wait" in r.text
