@@ -587,6 +587,10 @@ class NodesConfig(BaseModel):
     token_ttl_s: float = Field(600, gt=0, description="default lifetime of an enrollment token, seconds")
     max_token_ttl_s: float = Field(86_400, gt=0, description="longest enrollment-token lifetime an admin may ask for")
     tunnel: bool = Field(True, description="accept agents that dial in over a WebSocket (/nodes/tunnel)")
+    auto_models: bool = Field(
+        True, description="a model an online node advertises is routable under its own name for the orgs that may "
+                          "use the node, unless the recipe maps that name",
+    )
     timeout_s: float = Field(120, gt=0, description="per-attempt timeout for node targets, seconds")
     ttft_timeout_s: float = Field(60, gt=0, description="streams: max seconds to the first token from a node")
     connect_timeout_s: float = Field(3, gt=0, description="TCP connect timeout to a direct node, seconds")
@@ -626,6 +630,30 @@ class NodesConfig(BaseModel):
         return _request_id_header(value)
 
 
+# --- console (asgi_llm.console) -------------------------------------------------------
+class ConsoleConfig(BaseModel):
+    """The web console at ``path`` (sign in with an admin key; see ``asgi_llm.console``)."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(True, description="serve the web console (it needs auth.admin_keys to sign in)")
+    path: str = Field("/console", pattern=r"^/[A-Za-z0-9._~/-]{0,99}$", description="where the console is served")
+    session_secret: str | None = Field(
+        None, min_length=16, max_length=512,
+        description="signs console sessions (else ASGI_LLM_CONSOLE_SECRET, else one generated and kept in the SQL store)",
+    )
+    session_ttl_s: float = Field(8 * 3600, gt=0, le=30 * 86400, description="how long a console session lasts, seconds")
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        if value == "/" or value.split("/")[1] in ("v1", "admin", "nodes", "healthz", "readyz", "metrics"):
+            raise ValueError("the console path must not be / or shadow the gateway's own paths")
+        return value
+# --- end console ------------------------------------------------------------------------
+
+
 class GatewayConfig(BaseModel):
     """A whole recipe: providers, public models, stores, auth, limits, cache and server."""
 
@@ -642,6 +670,7 @@ class GatewayConfig(BaseModel):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     nodes: NodesConfig = Field(default_factory=NodesConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     def model_names(self) -> list[str]:
         """The public model names, sorted."""

@@ -70,7 +70,8 @@ class GatewayEndpoints:
     def visible_models(self, scope: Scope) -> list[str]:
         """The public model names this caller may use (all, until keys restrict them)."""
         principal = scope["asgi_llm"].principal
-        return [n for n in self.router.model_names() if principal.allows_model(n)]
+        names = self.router.model_names() + self.router.auto_model_names(principal.org)
+        return [n for n in names if principal.allows_model(n)]
 
     async def _models(self, scope: Scope, send: Send, path: str) -> None:
         headers = gateway_headers(scope["asgi_llm"])

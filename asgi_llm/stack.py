@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm.admin import AdminApp
+from asgi_llm.console import build_console
 from asgi_llm.dispatch import DispatchApp
 from asgi_llm.endpoints import GatewayEndpoints, ReadinessCheck
 from asgi_llm.middleware.audit import build_audit_layer
@@ -392,5 +393,6 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
         health=health,
     )
     gateway.server_config = config.server
+    build_console(parts, gateway)  # /console in front of the stack (asgi_llm.console)
     return gateway
 

@@ -114,8 +114,10 @@ class KeyRing:
         # request (``_static_hash``), which halves the cost of hashing a presented key.
         self._salted = hmac.new(secrets.token_bytes(32), digestmod=hashlib.sha256)
         self._static: dict[str, Principal] = {}
+        self._static_ids: dict[str, str] = {}  # key id → a stable digest of the key (see static_fingerprint)
         for key, principal in static:
             self._static[self._static_hash(key)] = principal
+            self._static_ids[principal.key_id] = hashlib.sha256(b"asgi-llm recipe key\0" + key.encode()).hexdigest()
         self.store = store
         self._pepper = pepper
         self.cache_ttl_s = cache_ttl_s
@@ -152,6 +154,13 @@ class KeyRing:
     def static_principals(self) -> list[Principal]:
         """The recipe keys' principals (no secrets)."""
         return list(self._static.values())
+
+    def static_fingerprint(self, key_id: str) -> str | None:
+        """A digest of the recipe key now behind ``key_id``, stable across processes
+        (``None``: no such recipe key). Recipe key ids are positional (``admin:0``): a
+        console session remembers this — MACed with its own secret, never in clear — and
+        notices when the recipe puts another key at that position."""
+        return self._static_ids.get(key_id)
 
     # ------------------------------------------------------------------ lifecycle
 

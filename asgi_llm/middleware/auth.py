@@ -36,7 +36,12 @@ if TYPE_CHECKING:
     from asgi_llm.auth.keyring import KeyRing
     from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["AuthMiddleware", "build_auth_layer", "model_not_found"]
+__all__ = ["INJECTED_PRINCIPAL", "AuthMiddleware", "build_auth_layer", "model_not_found"]
+
+INJECTED_PRINCIPAL = "asgi_llm.injected_principal"
+"""Scope key under which in-process callers (the console, replaying a signed-in admin's
+request) hand auth an already-verified principal instead of a bearer key. Only code in
+the process can set a scope key: an HTTP client cannot. The scope checks still apply."""
 
 _MISSING = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -114,10 +119,12 @@ class AuthMiddleware:
                     ctx.principal = principal
             await self.app(scope, receive, send)
             return
-        token = presented_key(scope)
-        if token is None:
-            raise AuthenticationError(_MISSING, code="missing_api_key")
-        principal = await self.keys.authenticate(token)
+        principal = scope.get(INJECTED_PRINCIPAL)
+        if principal is None:
+            token = presented_key(scope)
+            if token is None:
+                raise AuthenticationError(_MISSING, code="missing_api_key")
+            principal = await self.keys.authenticate(token)
         if endpoint == "admin":
             if not principal.has_scope("admin"):
                 raise PermissionDeniedError("This key does not have the admin scope.")

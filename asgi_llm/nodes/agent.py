@@ -156,6 +156,8 @@ class NodeAgent:
         self._client: httpx2.AsyncClient | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._state_file: Path | None = None
+        self._background: list[asyncio.Task[Any]] = []  # drains: awaited by run(), never left behind
 
     # ----------------------------------------------------------------- plumbing
 
@@ -188,7 +190,28 @@ class NodeAgent:
 
     @property
     def state_file(self) -> Path:
-        return self.config.state_dir / "node.json"
+        """Where this node's credential is kept (see :meth:`_pick_state_file`)."""
+        if self._state_file is None:
+            self._state_file = self._pick_state_file()
+        return self._state_file
+
+    def _pick_state_file(self) -> Path:
+        """``node.json``, unless it holds *another* node than ``--name`` asks for: then
+        ``node-<name>.json``. So ``--token T --name B`` where node ``A`` is saved enrolls a
+        new node ``B`` (a new token means a new node) instead of silently serving as ``A``,
+        and several agents (one per engine or GPU) share one state directory."""
+        default = self.config.state_dir / "node.json"
+        name = self.config.name
+        if not name:
+            return default
+        own = self.config.state_dir / f"node-{_safe_name(name)}.json"
+        if own.exists():
+            return own
+        saved = _read_state(default)
+        if saved is None or saved.get("name") in (None, name):
+            return default
+        logger.info("%s holds node %r; node %r keeps its credential in %s", default, saved.get("name"), name, own)
+        return own
 
     def _save_state(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -205,8 +228,12 @@ class NodeAgent:
 
     async def enroll(self) -> None:
         """Use the saved credential if there is one for this gateway; else spend the token."""
-        if self.state_file.exists():
-            saved = json.loads(self.state_file.read_text())
+        saved = _read_state(self.state_file)
+        if saved is not None and self.config.name and saved.get("name") not in (None, self.config.name):
+            raise SystemExit(  # only a hand-edited file gets here: refuse rather than become another node
+                f"{self.state_file} holds node {saved.get('name')!r}, not {self.config.name!r}: run with "
+                f"--name {saved.get('name')} to serve as that node, or use another --state-dir")
+        if saved is not None:
             if saved.get("gateway") == self.gateway and saved.get("credential"):
                 self.state = saved
                 try:
@@ -217,11 +244,15 @@ class NodeAgent:
                         raise
                     logger.warning("saved credential refused; enrolling again with the token")
                 else:
-                    logger.info("re-using the saved credential of node %s (%s)", saved.get("name"), saved.get("node_id"))
+                    logger.info("re-using the saved credential of node %s (%s)%s", saved.get("name"), saved.get("node_id"),
+                                "; the --token was not spent (pass a different --name to enroll another node)"
+                                if self.config.token else "")
                     self.enrolled.set()
                     return
         if not self.config.token:
-            raise SystemExit(f"no saved credential in {self.state_file} and no --token: ask an admin for an enrollment token")
+            others = sorted(p.name for p in self.config.state_dir.glob("node*.json")) if self.config.state_dir.is_dir() else []
+            hint = f" (saved here: {', '.join(others)}; pick one with --name)" if others else ""
+            raise SystemExit(f"no saved credential in {self.state_file} and no --token: ask an admin for an enrollment token{hint}")
         name = self.config.name or socket.gethostname().split(".")[0]
         body = {"name": name, **self._advertisement(), "labels": self.config.labels}
         if self.config.price:
@@ -310,7 +341,7 @@ class NodeAgent:
                 await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
             self.stop.set()
 
-        asyncio.get_running_loop().create_task(drain())
+        self._background.append(asyncio.get_running_loop().create_task(drain()))
 
     # ----------------------------------------------------------------- forwarding
 
@@ -445,6 +476,17 @@ class NodeAgent:
 
     # ----------------------------------------------------------------- run
 
+    async def _reap(self, workers: list[asyncio.Task[Any]]) -> None:
+        """Cancel and await every task this agent started, logging what failed: no task is
+        left for the loop to complain about ("Task exception was never retrieved")."""
+        tasks = [*workers, *self._background]
+        for task in tasks:
+            task.cancel()
+        for task, result in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                logger.warning("agent task %s ended with %r", task.get_coro(), result)
+        self._background.clear()
+
     async def run(self) -> int:
         """Run until stopped (signal, drain, revocation); return the exit status."""
         import uvicorn
@@ -469,24 +511,40 @@ class NodeAgent:
             await asyncio.sleep(0.01)
         if server_task.done():
             raise SystemExit(f"could not listen on {host}:{self.config.port}")
+        workers: list[asyncio.Task[Any]] = []
         try:
             await self.enroll()
-            workers = [loop.create_task(self.heartbeat_loop())]
+            workers.append(loop.create_task(self.heartbeat_loop()))
             if self.config.tunnel:
                 workers.append(loop.create_task(self.tunnel_loop()))
             await self.stop.wait()
-            for w in workers:
-                w.cancel()
         except RevokedError as exc:
             logger.error("the gateway refused this node's credential: %s", exc)
             self.exit_code = EXIT_REVOKED
         finally:
+            await self._reap(workers)
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server_task, 10)
             if self._client is not None:
                 await self._client.aclose()
         return self.exit_code
+
+
+def _safe_name(name: str) -> str:
+    """A node name as a file-name part (names are free text; files are not)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "node"
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    """A saved state file's content (``None``: missing or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 async def _sleep_or(event: asyncio.Event, seconds: float) -> None:

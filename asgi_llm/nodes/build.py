@@ -69,6 +69,8 @@ def build_nodes(parts: BuildParts) -> None:
     parts.node_routes.extend(node_routes(service))
     parts.admin_routes.extend(node_admin_routes(service, ledger=parts.extras.get("ledger_store")))
     parts.router.node_resolver = registry.resolve
+    if cfg.auto_models:
+        parts.router.auto_models = registry.advertised  # point-and-enroll: advertised names become routable
     previous = parts.router.extra_load
     if previous is None:
         parts.router.extra_load = registry.extra_load

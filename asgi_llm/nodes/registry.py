@@ -445,6 +445,19 @@ class NodeRegistry:
     def routable(self, record: NodeRecord) -> bool:
         return self.status(record) == "online"
 
+    def advertised(self, org: str | None) -> set[str]:
+        """Model names that online nodes usable by ``org`` advertise (``None``: any org's).
+        The router's ``auto_models`` hook (point-and-enroll)."""
+        names: set[str] = set()
+        for record in self._records.values():
+            if (org is not None and not self.may_use(record, org)) or not self.routable(record):
+                continue
+            for m in record.models:
+                name = m.get("id") if isinstance(m, dict) else None
+                if isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable():
+                    names.add(name)
+        return names
+
     def describe(self, record: NodeRecord) -> dict[str, Any]:
         """A record's public JSON plus its live status and load."""
         live = self.live.get(record.id)

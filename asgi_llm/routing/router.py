@@ -80,6 +80,14 @@ class NodeTargets:
     context_window: int | None = None
     prefill: bool = True
 
+    @property
+    def route(self) -> str:
+        """A name for the selector where a route name is expected (cache keys, price
+        lookups): ``nodes:<selector>/<model>`` — never a real target's route."""
+        return f"nodes:{self.selector}/{self.model}"
+
+
+_AUTO_MAX = 10_000  # auto-routed names remembered (a bound: names come from nodes)
 
 NodeResolver = Callable[["NodeTargets", "RequestContext"], list[Target]]
 _NODES_MEMO = "router.nodes"  # ctx.state: node selector id → the nodes it resolved to for this request
@@ -221,6 +229,11 @@ class Router:
         self.node_resolver = node_resolver
         self.extra_load = extra_load
         self.accountant = accountant or Accountant(router=self)
+        self.auto_models: Callable[[str | None], set[str]] | None = None
+        """Point-and-enroll (set by ``asgi_llm.nodes.build`` unless ``nodes.auto_models: false``):
+        the model names online nodes advertise — routable for ``org`` (``None``: for anyone).
+        A name the recipe maps is never auto-routed; see :meth:`_auto_route`."""
+        self._auto: dict[str, ModelRoute] = {}
 
     def expand(self, ctx: RequestContext, targets: Sequence[Target | NodeTargets]) -> list[Target]:
         """Replace node selectors by the live nodes that match them (none without a resolver).
@@ -246,7 +259,31 @@ class Router:
         return list(self._names)
 
     def get(self, name: str) -> ModelRoute | None:
-        return self._models.get(name)
+        """The model ``name`` for any caller: the recipe's, or an auto-routed node model
+        (which :meth:`plan` still resolves per org — another org gets a 404)."""
+        route = self._models.get(name)
+        if route is None and self.auto_models is not None and isinstance(name, str):
+            route = self._auto_route(name, None)
+        return route
+
+    def auto_model_names(self, org: str) -> list[str]:
+        """Names online nodes advertise to ``org`` that the recipe does not map, sorted."""
+        if self.auto_models is None:
+            return []
+        return sorted(n for n in self.auto_models(org) if n not in self._models)
+
+    def _auto_route(self, name: str, org: str | None) -> ModelRoute | None:
+        """``{nodes: any, model: <name>}`` when a node ``org`` may use advertises ``name``."""
+        assert self.auto_models is not None
+        if name in self._models or name not in self.auto_models(org):
+            return None
+        route = self._auto.get(name)
+        if route is None:
+            # One stable object per name, so the node resolver's per-selector cache holds.
+            if len(self._auto) >= _AUTO_MAX:
+                self._auto.clear()
+            route = self._auto[name] = ModelRoute(name=name, targets=(NodeTargets("any", model=name),))
+        return route
 
     def plan(self, ctx: RequestContext, headers: Sequence[tuple[bytes, bytes]] = ()) -> list[Target]:
         """The ordered targets to try (see :meth:`make_plan`)."""
@@ -254,6 +291,8 @@ class Router:
 
     def _resolve(self, name: Any, ctx: RequestContext, param: str) -> ModelRoute:
         route = self._models.get(name) if isinstance(name, str) else None
+        if route is None and self.auto_models is not None and isinstance(name, str):
+            route = self._auto_route(name, ctx.principal.org)  # only the orgs that may use such a node
         if route is None or not ctx.principal.allows_model(route.name):
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it. "
