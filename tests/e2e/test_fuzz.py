@@ -206,14 +206,50 @@ def _fill(path: str, t: Target, draw: st.DrawFn) -> str:
     return re.sub(r"\{(\w+)\}", one, path)
 
 
-QUERY = st.dictionaries(
-    st.sampled_from(["org", "since", "until", "limit", "after_seq", "after_id", "format", "group_by", "key",
-                     "model", "writer", "min_routes", "prompt_hash", "all", "kind", "action", "request_id"])
-    | _TOKEN,
-    st.text(max_size=30) | st.integers(min_value=-(2**80), max_value=2**80).map(str)
-    | st.sampled_from(["1e999", "NaN", "-1", "0", "2026-13-45", "9" * 40, "jsonl", "csv", "*", "team-a"]),
-    max_size=4,
-)
+_QUERY_HOSTILE = st.sampled_from(["1e999", "NaN", "-1", "0", "2026-13-45", "9" * 40, "jsonl", "csv", "*",
+                                  "team-a", "", " ", "24h", "-24h", "99999999d", "1970-01-01", "9999-12-31T23:59:59"])
+_QUERY_VALUE = (st.text(max_size=30) | _QUERY_HOSTILE
+                | st.integers(min_value=-(2**80), max_value=2**80).map(str))
+
+
+def _param_value(schema: dict[str, Any]) -> st.SearchStrategy[str]:
+    """Values for one documented query parameter, weighted to the edges of its type."""
+    if "enum" in schema:
+        return st.sampled_from([str(v) for v in schema["enum"]]) | _QUERY_VALUE
+    if schema.get("type") == "integer":
+        edges = [schema.get("minimum", 0) - 1, schema.get("minimum", 0), schema.get("maximum", 2**63) + 1, 2**63,
+                 2**64, -(2**63) - 1]
+        return (st.sampled_from([str(e) for e in edges])
+                | st.integers(min_value=-(2**80), max_value=2**80).map(str) | _QUERY_VALUE)
+    return _QUERY_VALUE
+
+
+def _valid_value(name: str, schema: dict[str, Any]) -> st.SearchStrategy[str]:
+    if "enum" in schema:
+        return st.sampled_from([str(v) for v in schema["enum"]])
+    if schema.get("type") == "integer":
+        return st.integers(schema.get("minimum", 0), schema.get("maximum", 2**63 - 1)).map(str)
+    if name in ("since", "until"):
+        return st.sampled_from(["24h", "7d", "2026-01-01", "2026-01-01T00:00:00Z"])
+    if name == "org":
+        return st.sampled_from(["team-a", "team-b"])
+    return st.text(alphabet="abcdefghij-_0123456789", min_size=1, max_size=12)
+
+
+@st.composite
+def queries(draw: st.DrawFn, path: str, method: str) -> dict[str, str]:
+    """Query parameters for one operation. Mostly valid ones with exactly one hostile value
+    (so the hostile one is not hidden behind another parameter's 400); sometimes anything."""
+    params = [p for p in PATHS[path].get(method.lower(), {}).get("parameters", []) if p["in"] == "query"]
+    positive = draw(st.integers(0, 3)) > 0
+    out = {p["name"]: draw(_valid_value(p["name"], p["schema"]) if positive else _param_value(p["schema"]))
+           for p in params if draw(st.booleans())}
+    if positive and params:
+        hostile = draw(st.sampled_from(params))
+        out[hostile["name"]] = draw(_param_value(hostile["schema"]))
+    if draw(st.integers(0, 4)) == 0:
+        out[draw(_TOKEN)] = draw(_QUERY_VALUE)
+    return out
 
 
 def check(resp: httpx2.Response, what: str) -> None:
@@ -244,11 +280,11 @@ INFERENCE = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "
 class TestFuzzInference:
     """Chat, completions, embeddings and models under any body and any header."""
 
+    @pytest.mark.parametrize("endpoint", sorted(INFERENCE))
     @SETTINGS
     @given(data=st.data())
-    def test_any_body_any_header(self, clean_log: Target, data: st.DataObject) -> None:
+    def test_any_body_any_header(self, clean_log: Target, endpoint: str, data: st.DataObject) -> None:
         t = clean_log
-        endpoint = data.draw(st.sampled_from(sorted(INFERENCE)))
         model = data.draw(st.sampled_from(["chat", "on-nodes", "embed", "nope"]))
         base = _valid_bodies(model)[endpoint]
         body = data.draw(bodies(base))
@@ -268,22 +304,35 @@ class TestFuzzInference:
         check(resp, f"/v1/models/{name!r}")
 
 
-class TestFuzzAdmin:
-    """Every documented admin path, with any method, query, body and header."""
+ADMIN_OPERATIONS = sorted((p, m.upper()) for p, ops in PATHS.items() if p.startswith("/admin/") for m in ops)
 
-    @SETTINGS
+
+class TestFuzzAdmin:
+    """Every documented admin operation, with any query, body and header; any method on its path."""
+
+    @pytest.mark.parametrize(("path", "method"), ADMIN_OPERATIONS)
+    @settings(SETTINGS, max_examples=max(10, EXAMPLES // 4))
     @given(data=st.data())
-    def test_documented_paths(self, clean_log: Target, data: st.DataObject) -> None:
+    def test_operation(self, clean_log: Target, path: str, method: str, data: st.DataObject) -> None:
         t = clean_log
-        path = data.draw(st.sampled_from(sorted(p for p in PATHS if p.startswith("/admin/"))))
-        ops = PATHS[path]
-        method = data.draw(st.sampled_from(sorted(m.upper() for m in ops)) | METHODS)
         base = _admin_body(path, method)
         body = data.draw(bodies(base)) if method in ("POST", "PUT", "PATCH") else None
         url = _fill(path, t, data.draw)
-        resp = send(t, method, url, key=data.draw(st.sampled_from([ADMIN, ADMIN, ORG_ADMIN, USER, None])),
-                    body=body, headers=data.draw(HEADERS), params=data.draw(QUERY))
+        resp = send(t, method, url, key=data.draw(st.sampled_from([ADMIN, ADMIN, ADMIN, ORG_ADMIN, USER, None])),
+                    body=body, headers=data.draw(HEADERS), params=data.draw(queries(path, method)))
         check(resp, f"{method} {url} {body[:200] if body else b''!r}")
+
+    @SETTINGS
+    @given(data=st.data())
+    def test_any_method_on_admin_paths(self, clean_log: Target, data: st.DataObject) -> None:
+        t = clean_log
+        path = data.draw(st.sampled_from(sorted(p for p in PATHS if p.startswith("/admin/"))))
+        method = data.draw(METHODS)
+        body = data.draw(bodies(None)) if data.draw(st.booleans()) else None
+        url = _fill(path, t, data.draw)
+        resp = send(t, method, url, key=data.draw(st.sampled_from([ADMIN, ORG_ADMIN, USER, None])), body=body,
+                    headers=data.draw(HEADERS))
+        check(resp, f"{method} {url}")
 
 
 class TestFuzzNodes:
@@ -353,3 +402,22 @@ class TestHostileJsonRegressions:
         resp = send(target, "POST", "/admin/keys", key=ADMIN, body=raw)
         assert resp.status_code == 400, resp.text
         assert "'scopes' twice" in resp.json()["error"]["message"]
+
+    @pytest.mark.parametrize("after_seq", [str(2**63), str(2**64 + 1), "-1"])
+    def test_audit_after_seq_past_64_bits_is_a_400(self, target: Target, after_seq: str) -> None:
+        # Found by TestFuzzAdmin: a huge after_seq reached SQLite ("Python int too large") -> 500.
+        resp = send(target, "GET", "/admin/audit", key=ADMIN, params={"after_seq": after_seq})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "after_seq"
+
+    @pytest.mark.parametrize(("path", "since"), [
+        ("/admin/nodes/report", "740000d"),  # found by TestFuzzAdmin: timedelta overflow -> 500
+        ("/admin/usage", "9" * 5000 + "d"),
+        ("/admin/usage/compare", "0001-01-01T00:00:00+14:00"),
+        ("/admin/audit", "9999-12-31T23:59:59-14:00"),
+    ])
+    def test_time_outside_the_calendar_is_a_400(self, target: Target, path: str, since: str) -> None:
+        resp = send(target, "GET", path, key=ADMIN, params={"since": since})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "since"
+        assert target.http.get(path, params={"since": "24h"}, headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
