@@ -496,7 +496,9 @@ class HealthConfig(BaseModel):
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
     cooldown_s: float = Field(30, gt=0, description="how long a breaker stays open (doubles on re-open)")
     max_cooldown_s: float = Field(300, gt=0, description="cap on the doubling")
-    probe_interval_s: float = Field(10, ge=0, description="free GET /models probes of open breakers; 0 = off")
+    probe_interval_s: float = Field(10, ge=0, description="free GET /models probes of open breakers and refused keys; 0 = off")
+    auth_cooldown_s: float = Field(300, gt=0, le=86_400, description="how long one upstream 401/403 retires a "
+                                   "(target, key); a free probe with that key that succeeds brings it back sooner")
 
 
 class RoutingConfig(BaseModel):

@@ -287,6 +287,9 @@ class TestFuzzInference:
         t = clean_log
         model = data.draw(st.sampled_from(["chat", "on-nodes", "embed", "nope"]))
         base = _valid_bodies(model)[endpoint]
+        if endpoint != "embeddings" and data.draw(st.booleans()):
+            base = {**base, "stream": True, "stream_options": {"include_usage": True}, "n": 1, "user": "u",
+                    "temperature": 0.5, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}
         body = data.draw(bodies(base))
         headers = data.draw(HEADERS)
         key = data.draw(st.sampled_from([USER, ORG_ADMIN, ADMIN, None, "sk-wrong", t.node_credential]))
