@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import textwrap
 import time
 import urllib.parse
@@ -132,8 +133,13 @@ def clean_log(target: Target) -> Iterator[Target]:
 
 _SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
-JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+
+
+JSON = st.recursive(_SCALARS, _containers, max_leaves=12)
 
 # Raw JSON-ish text that json.dumps never produces: the classic hostile literals.
 _HOSTILE_LITERALS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1" * 400, "9" * 30, '"\\ud800"',
@@ -370,6 +376,38 @@ class TestFuzzAnyPath:
         prefix = "" if path.startswith("/") else "/"
         resp = send(clean_log, method, prefix + path, key=key, headers=headers)
         check(resp, f"{method} {prefix + path}")
+
+
+class TestFuzzRawHeaders:
+    """Header bytes no HTTP client library would send (obs-text, controls, odd names), over a raw socket."""
+
+    @SETTINGS
+    @given(name=st.sampled_from([b"x-request-id", b"authorization", b"content-type", b"x-asgi-llm-cache-ttl",
+                                 b"x-asgi-llm-cache-key", b"x-api-key", b"accept-encoding"])
+           | st.binary(min_size=1, max_size=20).filter(lambda b: b":" not in b and b"\r" not in b and b"\n" not in b),
+           value=st.binary(max_size=120).filter(lambda b: b"\r" not in b and b"\n" not in b),
+           path=st.sampled_from([b"/v1/models", b"/v1/chat/completions", b"/admin/keys", b"/nodes/me", b"/healthz"]),
+           key=st.sampled_from([USER.encode(), ADMIN.encode(), None]))
+    def test_any_header_bytes(self, clean_log: Target, name: bytes, value: bytes, path: bytes,
+                              key: bytes | None) -> None:
+        body = b'{"model":"chat","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}'
+        method = b"POST" if path == b"/v1/chat/completions" else b"GET"
+        head = [method + b" " + path + b" HTTP/1.1", b"host: 127.0.0.1", b"connection: close", name + b": " + value]
+        if key is not None:
+            head.append(b"authorization: Bearer " + key)
+        if method == b"POST":
+            head += [b"content-type: application/json", b"content-length: " + str(len(body)).encode()]
+        raw = b"\r\n".join(head) + b"\r\n\r\n" + (body if method == b"POST" else b"")
+        with socket.create_connection(("127.0.0.1", clean_log.gw.port), timeout=TIMEOUT_S) as sock:
+            sock.sendall(raw)
+            data = b""
+            while chunk := sock.recv(65536):  # bounded: the server closes (connection: close) or times out
+                data += chunk
+                if len(data) > 1_000_000:
+                    break
+        status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else None
+        # A server may also just close on a request it cannot parse; a 5xx is never right.
+        assert status is None or status < 500, (raw[:300], data[:300])
 
 
 def _admin_body(path: str, method: str) -> dict[str, Any] | None:
