@@ -42,7 +42,8 @@ _ORG = {"name": "org", "in": "query", "required": False, "schema": {"type": "str
         "description": "An org, for a super admin (an org admin is always scoped to its own)."}
 _TIME = [{"name": n, "in": "query", "required": False, "schema": {"type": "string"},
           "description": "ISO 8601 time or epoch seconds."} for n in ("since", "until")]
-_FORMAT = {"name": "format", "in": "query", "required": False, "schema": {"enum": ["json", "jsonl", "csv"]}}
+_FORMAT = {"name": "format", "in": "query", "required": False, "schema": {"enum": ["json", "csv"]},
+           "description": "csv, or json (the default; Accept: text/csv also asks for CSV)."}
 
 
 def _q(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -110,12 +111,14 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
         "put": {"summary": "Replace an org's acceptance rules.", "body": _ACCEPTANCE},
     },
     "/admin/usage": {"get": {"summary": "Usage report.", "parameters": [
-        _ORG, *_TIME, _FORMAT, _q("group_by", {"type": "string"})]}},
+        _ORG, *_TIME, _FORMAT, {**_q("group_by", {"type": "string"}),
+                                       "description": "Comma-separated: model, route, key, node, org, day."}]}},
     "/admin/usage/compare": {"get": {"summary": "The same prompt across routes.", "parameters": [
         _ORG, *_TIME, _FORMAT, _q("prompt_hash", {"type": "string"}),
         _q("min_routes", {"type": "integer", "minimum": 1, "maximum": 100})]}},
     "/admin/usage/top-prompts": {"get": {"summary": "The most frequent prompts.", "parameters": [
-        _ORG, *_TIME, _FORMAT, _q("limit", {"type": "integer", "minimum": 1})]}},
+        _ORG, *_TIME, _FORMAT, _q("by", {"enum": ["cost", "count"]}),
+        _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000})]}},
     "/admin/usage/flush": {"post": {"summary": "Write the queued ledger rows now."}},
     "/admin/audit": {"get": {"summary": "Audit events.", "parameters": [
         _ORG, *_TIME, _FORMAT, *(_q(n, {"type": "string"}) for n in
@@ -124,7 +127,7 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
         _q("limit", {"type": "integer", "minimum": 1, "maximum": 10000})]}},
     "/admin/audit/verify": {"get": {"summary": "Verify the audit hash chain.", "parameters": [_ORG]}},
     "/admin/quarantine": {"get": {"summary": "Rows a store refused.", "parameters": [
-        _ORG, _q("writer", {"type": "string"}), _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+        _ORG, _q("writer", {"enum": ["ledger", "audit"]}), _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
         _q("after_id", {"type": "integer", "minimum": 0})]}},
     "/admin/cache": {"delete": {"summary": "Purge cached responses.", "parameters": [
         _ORG, _q("model", {"type": "string"}), _q("all", {"type": "string"})]}},
