@@ -543,7 +543,9 @@ class HealthConfig(BaseModel):
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
     cooldown_s: float = Field(30, gt=0, description="how long a breaker stays open (doubles on re-open)")
     max_cooldown_s: float = Field(300, gt=0, description="cap on the doubling")
-    probe_interval_s: float = Field(10, ge=0, description="free GET /models probes of open breakers; 0 = off")
+    probe_interval_s: float = Field(10, ge=0, description="free GET /models probes of open breakers and refused keys; 0 = off")
+    auth_cooldown_s: float = Field(300, gt=0, le=86_400, description="how long one upstream 401/403 retires a "
+                                   "(target, key); a free probe with that key that succeeds brings it back sooner")
 
 
 class RoutingConfig(BaseModel):
@@ -678,29 +680,47 @@ class GatewayConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_check(self) -> GatewayConfig:
-        problems: list[tuple[Loc, str]] = []
-        for name in self.models:
-            if not name or any(ch.isspace() for ch in name):
-                problems.append((("models",), f"invalid public model name {name!r}: "
-                                 "must be non-empty and contain no whitespace"))
-        known_providers = ", ".join(sorted(self.providers)) or "none configured"
-        for name, model in self.models.items():
-            for i, target in enumerate(model.targets):
-                if target.provider is not None and target.provider not in self.providers:
-                    problems.append((("models", name, "targets", i, "provider"),
-                                     f"unknown provider {target.provider!r} (known: {known_providers})"))
-        known_models = ", ".join(self.model_names())
-        for model_name in self.cache.models:
-            if model_name not in self.models:
-                problems.append((("cache", "models"), f"unknown model {model_name!r} (known: {known_models})"))
-        for i, key in enumerate(self.auth.keys):
-            for j, model_name in enumerate(key.models):
-                if model_name != "*" and model_name not in self.models:
-                    problems.append((("auth", "keys", i, "models", j),
-                                     f"unknown model {model_name!r} (known: *, {known_models})"))
+        problems = _reference_problems(self.model_dump(include={"providers", "models", "cache", "auth"}))
         if problems:
             raise _Problems(problems)
         return self
+
+
+def _reference_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
+    """Cross-references (public model names, target providers, models named by the cache
+    rules and by keys), on plain data: the validated config dumped, or the raw recipe when
+    its schema failed — so ``asgi-llm check`` reports both kinds at once. Parts of the
+    wrong shape are skipped (the schema errors already name them)."""
+
+    def mapping(value: Any) -> Mapping[Any, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    def items(value: Any) -> list[Any]:
+        return value if isinstance(value, list) else []
+
+    problems: list[tuple[Loc, str]] = []
+    providers, models = mapping(data.get("providers")), mapping(data.get("models"))
+    for name in models:
+        if isinstance(name, str) and (not name or any(ch.isspace() for ch in name)):  # non-str: a schema error
+            problems.append((("models",), f"invalid public model name {name!r}: "
+                             "must be non-empty and contain no whitespace"))
+    known_providers = ", ".join(sorted(str(p) for p in providers)) or "none configured"
+    for name, model in models.items():
+        for i, target in enumerate(items(mapping(model).get("targets"))):
+            provider = mapping(target).get("provider")
+            if isinstance(provider, str) and provider not in providers:
+                problems.append((("models", name, "targets", i, "provider"),
+                                 f"unknown provider {provider!r} (known: {known_providers})"))
+    known_models = ", ".join(sorted(str(m) for m in models))
+    for model_name in mapping(mapping(data.get("cache")).get("models")):
+        if model_name not in models:
+            problems.append((("cache", "models"), f"unknown model {model_name!r} (known: {known_models})"))
+    for i, key in enumerate(items(mapping(data.get("auth")).get("keys"))):
+        for j, model_name in enumerate(items(mapping(key).get("models"))):
+            if isinstance(model_name, str) and model_name != "*" and model_name not in models:
+                problems.append((("auth", "keys", i, "models", j),
+                                 f"unknown model {model_name!r} (known: *, {known_models})"))
+    return problems
 
 
 # --------------------------------------------------------------------------- paths
@@ -949,6 +969,11 @@ def config_from_dict(
             if any(path == f or path.startswith((f + ".", f + "[")) for f in failed):
                 continue
             problems.append((path, message))
+        # The cross-reference check runs only once the schema passed: run it on the raw
+        # recipe too, so one `asgi-llm check` names every problem, not half of them.
+        for loc, message in _reference_problems(expanded):
+            if (found := (_walk(loc)[0], message)) not in problems:
+                problems.append(found)
         if not problems:  # pragma: no cover -- a validation error always yields a problem
             problems.append(("", "invalid recipe"))
         raise ConfigError(problems, source) from None

@@ -128,7 +128,7 @@ def _record_failure(health: HealthTracker, route: str, key_id: str, exc: Upstrea
             wait = retry_after_seconds(exc.headers)
             health.cool_down(route, key_id, wait if wait is not None else 5.0, error="429 rate limited")
         elif status in (401, 403):
-            health.cool_down(route, key_id, 300.0, error=f"{status}: upstream refused the key", kind="refused")
+            health.refused(route, key_id, error=f"{status}: upstream refused the key")
         elif status >= 500 or status == 408:
             health.failure(route, key_id, error=f"HTTP {status}")
         # other 4xx are about the request, not the target's health

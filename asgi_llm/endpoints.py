@@ -16,6 +16,7 @@ from asgi_llm._asgi import send_json
 from asgi_llm.context import gateway_headers
 from asgi_llm.errors import ModelNotFoundError, NotFoundError
 from asgi_llm.middleware.context import ensure_context
+from asgi_llm.openapi import OPENAPI_PATH, send_openapi
 from asgi_llm.routing.router import Router
 
 __all__ = ["GatewayEndpoints", "ReadinessCheck", "mark_draining"]
@@ -61,6 +62,8 @@ class GatewayEndpoints:
             await self._health(send, ctx.path, gateway_headers(ctx))
         elif ctx.endpoint in ("admin", "nodes") and self.admin is not None:
             await self.admin(scope, receive, send)
+        elif ctx.path == OPENAPI_PATH and scope["method"] in ("GET", "HEAD"):
+            await send_openapi(send, gateway_headers(ctx))
         else:
             raise NotFoundError(
                 f"No such endpoint: {scope['method']} {ctx.path}. The gateway serves "

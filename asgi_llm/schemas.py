@@ -167,6 +167,26 @@ def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a JSON object naming one key twice is refused, not
+    silently resolved (Python keeps the last value, other parsers the first: two layers
+    reading one body must never see two different requests)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def parse_json(raw: bytes | str, *, what: str = "The request body", non_finite: bool = False) -> Any:
     """Parse a client's JSON, refusing what the parser accepts but nothing downstream can use.
 
@@ -181,10 +201,19 @@ def parse_json(raw: bytes | str, *, what: str = "The request body", non_finite: 
     64 bits through, for a caller that clamps every number itself (node heartbeats: Python's
     ``json.dumps`` writes an engine's NaN gauge as ``NaN``, and refusing the heartbeat
     would take a working node offline).
+
+    A key named twice in one object (``{"model": "a", "model": "b"}``) is a 400 too, as
+    OpenAI's API answers it: which value "wins" differs between parsers.
     """
     try:
-        value = (json.loads(raw) if non_finite
-                 else json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float))
+        value = (json.loads(raw, object_pairs_hook=_unique_object) if non_finite
+                 else json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float,
+                                 object_pairs_hook=_unique_object))
+    except _DuplicateKey as exc:
+        shown = exc.key[:64].encode("unicode_escape").decode() + ("..." if len(exc.key) > 64 else "")
+        raise InvalidRequestError(
+            f"{what} names the key {shown!r} twice in one object; send each key once.", code="invalid_json"
+        ) from None
     except _NonFinite as exc:
         if exc.name.startswith("a number"):
             message = f"{what} contains {exc.name}; send a finite number."

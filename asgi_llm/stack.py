@@ -321,6 +321,7 @@ def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", e
             failure_threshold=rc.health.failure_threshold,
             cooldown_s=rc.health.cooldown_s,
             max_cooldown_s=rc.health.max_cooldown_s,
+            auth_cooldown_s=rc.health.auth_cooldown_s,
         )
     )
     providers: dict[str, ProviderAdapter] = {}

@@ -909,7 +909,8 @@ class TestLoadConfig:
         with pytest.raises(ConfigError) as exc_info:
             load_config(path, environ={})
         assert exc_info.value.source == str(path)
-        assert str(exc_info.value).startswith(f"{path}: 1 problem\n  foo: unknown key 'foo'")
+        # The unknown provider 'c' is reported alongside (it was hidden by the schema error).
+        assert str(exc_info.value).startswith(f"{path}: 2 problems\n  foo: unknown key 'foo'")
 
     def test_empty_file(self, tmp_path: Path) -> None:
         """An empty file is a ConfigError naming the file."""

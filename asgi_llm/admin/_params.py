@@ -18,18 +18,25 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 def parse_time(value: str | None, name: str) -> dt.datetime | None:
-    """ISO date/datetime (UTC unless it says otherwise), or a look-back like ``24h`` / ``7d``."""
+    """ISO date/datetime (UTC unless it says otherwise), or a look-back like ``24h`` / ``7d``.
+
+    Anything outside the calendar (``740000d``, a 5000-digit look-back, year 1 at
+    ``+14:00``) is the same 400 as a malformed value.
+    """
     if not value:
         return None
+    problem = f"'{name}' must be an ISO date/datetime or a look-back like 24h, 7d"
     m = _REL.match(value.strip())
-    if m:
-        return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     try:
+        if m:
+            return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
         t = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequestError(f"'{name}' must be an ISO date/datetime or a look-back like 24h, 7d.",
-                                  param=name, code="invalid_value") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+        t = t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+        t.astimezone(dt.UTC)  # an instant that exists in UTC too (stores compare in UTC)
+    except (ValueError, OverflowError):
+        raise InvalidRequestError(f"{problem}, within the years 1 to 9999.", param=name,
+                                  code="invalid_value") from None
+    return t
 
 
 def org_scope(request: Request) -> str | None:

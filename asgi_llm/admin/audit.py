@@ -40,6 +40,9 @@ def audit_routes(store: SQLAuditStore, writer: BatchWriter[Any] | None = None) -
             raise InvalidRequestError("'limit' and 'after_seq' must be integers.", code="invalid_value") from None
         if not 1 <= limit <= 10_000:
             raise InvalidRequestError("'limit' must be from 1 to 10000.", param="limit", code="invalid_value")
+        if after is not None and not 0 <= after < 2**63:  # a store's integer column holds no more
+            raise InvalidRequestError("'after_seq' must be an integer from 0 to 9223372036854775807.",
+                                      param="after_seq", code="invalid_value")
         found = await store.query(
             since=parse_time(q.get("since"), "since"), until=parse_time(q.get("until"), "until"),
             org=org_scope(request), actor=q.get("actor") or None, kind=q.get("kind") or None,

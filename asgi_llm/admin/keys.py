@@ -30,6 +30,7 @@ from asgi_llm.auth.keyring import SUPER_ORG
 from asgi_llm.config import KeyLimits
 from asgi_llm.context import Principal, gateway_headers
 from asgi_llm.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from asgi_llm.schemas import parse_json_object
 
 if TYPE_CHECKING:
     from asgi_llm.auth.keyring import KeyRing
@@ -81,7 +82,9 @@ def key_routes(ring: KeyRing, *, model_names: list[str]) -> list[BaseRoute]:
     async def create(request: Request) -> JSONResponse:
         caller = _caller(request)
         try:
-            body = CreateKey.model_validate_json(await request.body())
+            # parse_json_object, not pydantic's JSON mode: duplicate keys, NaN and
+            # 10k-deep nesting are refused like on every other route.
+            body = CreateKey.model_validate(parse_json_object(await request.body()))
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"]) or None

@@ -70,9 +70,16 @@ class HTTPAdapter:
         """How this upstream wants a key presented."""
         return {"authorization": "Bearer " + api_key} if api_key else {}
 
-    async def probe(self) -> bool:
-        """Free health probe: ``GET {probe_path}`` answers 2xx (listing models is never billed)."""
-        headers = {**self._static_headers, **self.key_headers(self.keys.any_key())}
+    async def probe(self, key_id: str | None = None) -> bool:
+        """Free health probe: ``GET {probe_path}`` answers 2xx (listing models is never billed).
+
+        With ``key_id``, the probe presents that key: a 2xx then also says the upstream
+        accepts it again (see :meth:`HealthTracker.key_accepted`).
+        """
+        api_key = self.keys.any_key() if key_id is None else self.keys.secret(key_id)
+        if key_id is not None and api_key is None:
+            return False
+        headers = {**self._static_headers, **self.key_headers(api_key)}
         headers.pop("content-type", None)
         try:
             async with fail_after(min(self.timeouts.attempt, 10.0)):

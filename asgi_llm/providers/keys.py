@@ -45,6 +45,13 @@ class KeyPool:
         """A key for a free call (a health probe): any one proves reachability."""
         return self._keys[0] if self._keys else None
 
+    def secret(self, key_id: str) -> str | None:
+        """The key behind ``key_id`` (``None`` if there is no such id)."""
+        try:
+            return self._keys[self.ids.index(key_id)]
+        except ValueError:
+            return None
+
     def pick(self, route: str) -> tuple[str, str | None]:
         """Return ``(key_id, secret)`` for the next usable key (``("", None)`` if keyless)."""
         if not self._keys:

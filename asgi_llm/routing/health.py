@@ -6,7 +6,8 @@
   free active probe) may try; success closes the breaker, failure re-opens it. A
   target is routable while at least one of its keys is not open.
 * **Cooldowns**: an upstream answer that says "not now" (429 with ``Retry-After``,
-  401/403 for one key) cools down that key alone for the time given.
+  401/403 for one key) cools down that key alone for the time given (a 401/403 for
+  ``auth_cooldown_s``, unless a free probe with that very key succeeds sooner).
 * **Latency EWMA** (time to first token for streams, total latency otherwise) and the
   **in-flight** count per route feed the ``fastest`` and ``least-busy`` strategies.
 
@@ -30,6 +31,8 @@ class BreakerPolicy:
     cooldown_s: float = 30.0
     max_cooldown_s: float = 300.0
     ewma_alpha: float = 0.3
+    auth_cooldown_s: float = 300.0
+    """How long one 401/403 retires a (route, key), unless a probe with that key succeeds first."""
 
 
 @dataclass(slots=True)
@@ -162,6 +165,26 @@ class HealthTracker:
         b.cooldown_until = max(b.cooldown_until, self.clock() + seconds)
         b.cooldown_kind = kind
         b.last_error = error or b.last_error
+        if self.on_change is not None:
+            self.on_change(route, key_id, b)
+
+    def refused(self, route: str, key_id: str, *, error: str = "") -> None:
+        """The upstream refused this key on this route (401/403): retire it for
+        :attr:`BreakerPolicy.auth_cooldown_s`, or until :meth:`key_accepted`."""
+        self.cool_down(route, key_id, self.policy.auth_cooldown_s, error=error, kind="refused")
+
+    def refused_keys(self) -> set[tuple[str, str]]:
+        """(route, key id) pairs retired by a 401/403 right now: what a probe may bring back."""
+        now = self.clock()
+        return {rk for rk, b in self._breakers.items() if b.cooldown_kind == "refused" and now < b.cooldown_until}
+
+    def key_accepted(self, route: str, key_id: str) -> None:
+        """A free call with this key succeeded: end its 401/403 retirement on this route now."""
+        b = self._breakers.get((route, key_id))
+        if b is None or b.cooldown_kind != "refused" or b.cooldown_until <= self.clock():
+            return
+        b.cooldown_until = 0.0
+        b.cooldown_kind = "cooling"
         if self.on_change is not None:
             self.on_change(route, key_id, b)
 

@@ -47,9 +47,14 @@ class HealthProber:
                 logger.exception("health probe round failed")
 
     async def probe_once(self) -> dict[str, bool]:
-        """Probe every provider with an open route; return provider → reachable."""
+        """Probe every provider with an open route; return provider → reachable.
+
+        Then probe each key retired by a 401/403 with that key: a 2xx ends its retirement
+        on every route of the provider (a key that is still refused stays retired).
+        """
         open_routes = self.health.open_routes()
         results: dict[str, bool] = {}
+        await self._probe_refused_keys()
         for name, adapter in self.providers.items():
             routes = [r for r in open_routes if r.startswith(name + "/")]
             if not routes:
@@ -60,3 +65,16 @@ class HealthProber:
             for route in routes:
                 self.health.probe_result(route, ok)
         return results
+
+    async def _probe_refused_keys(self) -> None:
+        by_key: dict[tuple[str, str], list[str]] = {}
+        for route, key_id in self.health.refused_keys():
+            provider = route.partition("/")[0]
+            if key_id and provider in self.providers:
+                by_key.setdefault((provider, key_id), []).append(route)
+        for (provider, key_id), routes in sorted(by_key.items()):
+            probe = getattr(self.providers[provider], "probe", None)
+            if probe is None or not await probe(key_id):
+                continue
+            for route in routes:
+                self.health.key_accepted(route, key_id)

@@ -295,6 +295,88 @@ class TestKeyPools:
 
 
 @pytest.fixture
+def auth_gateway(upstream_a: FakeUpstreamHandle, tmp_path: Path) -> Iterator[str]:
+    recipe = tmp_path / "auth.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        providers:
+          flaky: {{base_url: "{upstream_a.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-a']}"]}}
+          wrong: {{base_url: "{upstream_a.base_url}", api_keys: ["sk-wrong-key"]}}
+        models:
+          flaky: {{targets: [{{provider: flaky, model: flaky-model}}]}}
+          wrong: {{targets: [{{provider: wrong, model: wrong-model}}]}}
+        routing: {{health: {{probe_interval_s: 0.2, auth_cooldown_s: 600}}}}
+        """))
+    with gateway_process(recipe, name="gateway-auth") as gw:
+        yield gw.base_url
+
+
+@pytest.fixture
+def short_auth_gateway(upstream_a: FakeUpstreamHandle, tmp_path: Path) -> Iterator[str]:
+    recipe = tmp_path / "short-auth.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        providers:
+          short: {{base_url: "{upstream_a.base_url}", api_keys: ["{UPSTREAM_KEYS['provider-a']}"]}}
+        models:
+          short: {{targets: [{{provider: short, model: short-model}}]}}
+        routing: {{health: {{probe_interval_s: 0, auth_cooldown_s: 0.5}}}}
+        """))
+    with gateway_process(recipe, name="gateway-short-auth") as gw:
+        yield gw.base_url
+
+
+def _poll_until_ok(http: httpx2.Client, url: str, model: str, within_s: float) -> tuple[float, list[int]]:
+    """Send the request until it answers 200 (bounded); the seconds it took and the statuses seen."""
+    started, seen = time.monotonic(), []
+    for _ in range(int(within_s / 0.05)):
+        resp = http.post(url + "/chat/completions", json={"model": model, "messages": MESSAGES})
+        seen.append(resp.status_code)
+        if resp.status_code == 200:
+            return time.monotonic() - started, seen
+        time.sleep(0.05)  # polling a live endpoint; there is no event to wait on from outside
+    raise AssertionError(f"{model} never answered 200 within {within_s} s: {seen[-5:]}")
+
+
+class TestAuthCooldown:
+    """Issue 16 item 7: one upstream 401/403 used to retire a (target, key) for a hard-coded 300 s."""
+
+    def test_probe_with_the_key_brings_it_back(self, auth_gateway: str, upstream_a: FakeUpstreamHandle) -> None:
+        upstream_a.add_faults({"kind": "status", "status": 401, "type": "invalid_request_error",
+                               "code": "invalid_api_key", "match": {"model": "flaky-model"}})
+        with httpx2.Client(timeout=20) as http:
+            first = http.post(auth_gateway + "/chat/completions", json={"model": "flaky", "messages": MESSAGES})
+            assert first.status_code == 502, first.text  # the upstream's 401, passed on as a gateway error
+            took, seen = _poll_until_ok(http, auth_gateway, "flaky", within_s=10)
+        assert took < 10  # not auth_cooldown_s (600 s): a free probe with that key succeeded
+        probes = [r for r in upstream_a.stats()["recent"] if r["method"] == "GET"]
+        assert any(r["headers"].get("authorization") == f"Bearer {UPSTREAM_KEYS['provider-a']}" for r in probes)
+        chats = [r for r in upstream_a.stats()["recent"] if (r.get("body") or {}).get("model") == "flaky-model"]
+        assert len(chats) == 2  # the refused one and the one that passed: none while retired
+
+    def test_a_key_still_refused_stays_retired(self, auth_gateway: str, upstream_a: FakeUpstreamHandle) -> None:
+        with httpx2.Client(timeout=20) as http:
+            first = http.post(auth_gateway + "/chat/completions", json={"model": "wrong", "messages": MESSAGES})
+            assert first.status_code == 502, first.text
+            upstream_a.wait_stats(lambda st: sum(r["method"] == "GET" and r["headers"].get("authorization")
+                                                 == "Bearer sk-wrong-key" for r in st["recent"]) >= 2, timeout=10)
+            again = http.post(auth_gateway + "/chat/completions", json={"model": "wrong", "messages": MESSAGES})
+        assert again.status_code == 503, again.text  # two probes answered 401: still retired
+        assert "refused" in again.json()["error"]["message"]
+        chats = [r for r in upstream_a.stats()["recent"] if (r.get("body") or {}).get("model") == "wrong-model"]
+        assert len(chats) == 1
+
+    def test_cooldown_is_configurable(self, short_auth_gateway: str, upstream_a: FakeUpstreamHandle) -> None:
+        upstream_a.add_faults({"kind": "status", "status": 403, "match": {"model": "short-model"}})
+        with httpx2.Client(timeout=20) as http:
+            refused_at = time.monotonic()
+            first = http.post(short_auth_gateway + "/chat/completions", json={"model": "short", "messages": MESSAGES})
+            assert first.status_code == 502, first.text
+            second = http.post(short_auth_gateway + "/chat/completions", json={"model": "short", "messages": MESSAGES})
+            assert second.status_code == 503, second.text  # retired (no probes in this recipe) ...
+            _poll_until_ok(http, short_auth_gateway, "short", within_s=10)
+        assert time.monotonic() - refused_at >= 0.5  # ... for auth_cooldown_s, then back
+
+
+@pytest.fixture
 def explain_gateway(upstream_a: FakeUpstreamHandle, upstream_b: FakeUpstreamHandle, tmp_path: Path) -> Iterator[str]:
     recipe = tmp_path / "explain.yaml"
     recipe.write_text(textwrap.dedent(f"""\

@@ -24,6 +24,7 @@ ADMIN = "adm-limits-0123456789"
 TEAM_A = "sk-team-a-0123456789"
 TEAM_B = "sk-team-b-0123456789"
 LIMITED = "sk-limited-0123456789"
+RESET = "sk-reset-0123456789"
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
@@ -57,6 +58,7 @@ def served(_upstream_a: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFac
             - {{key: "{TEAM_A}", org: team-a, name: team-a-key, models: [chat]}}
             - {{key: "{TEAM_B}", org: team-b, name: team-b-key, models: [b-only, chat]}}
             - {{key: "{LIMITED}", org: team-a, name: limited, limits: {{rpm: 2, tpm: 100000}}}}
+            - {{key: "{RESET}", org: team-a, name: reset, limits: {{rpm: 3}}}}
         limits:
           org: {{rpm: 1000}}
         """))
@@ -118,6 +120,32 @@ class TestRateLimit:
         assert headers["x-ratelimit-remaining-requests"] == "0"
         assert {"x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens"} <= set(headers)
         assert "limited" in exc.value.message and "requests per minute" in exc.value.message
+
+    def test_reset_and_retry_after_agree_with_the_window(self, served: Served) -> None:
+        """Issue 16 item 7: reset said "0s" after the first request and later more than 60 s;
+        now it counts the request just made, stays within the minute while requests remain,
+        and once exhausted says what the 429's Retry-After then says."""
+        resets = []
+        with served.client(RESET) as c:
+            for _ in range(3):
+                raw = c.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=5)
+                resets.append((raw.headers["x-ratelimit-remaining-requests"], raw.headers["x-ratelimit-reset-requests"]))
+            with pytest.raises(openai.RateLimitError) as exc:
+                c.chat.completions.create(model="chat", messages=MESSAGES)
+        assert [r for r, _ in resets] == ["2", "1", "0"]
+        for _, reset in resets[:2]:
+            assert reset != "0s" and _seconds(reset) <= 60, resets
+        headers = exc.value.response.headers
+        assert abs(_seconds(headers["x-ratelimit-reset-requests"]) - int(headers["retry-after"])) <= 1  # whole seconds
+        assert abs(_seconds(resets[2][1]) - int(headers["retry-after"])) < 2
+
+
+def _seconds(reset: str) -> float:
+    """OpenAI's reset format (``20ms``, ``1.5s``, ``6m0s``) in seconds."""
+    if reset.endswith("ms"):
+        return int(reset[:-2]) / 1000
+    minutes, _, secs = reset.rstrip("s").rpartition("m")
+    return int(minutes or 0) * 60 + float(secs)
 
 
 class TestKeysCLI:

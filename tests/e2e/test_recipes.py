@@ -47,6 +47,29 @@ class TestRecipeErrorsAtStart:
         assert res.returncode == 2
         assert "models.chat.targets[0].price.input" in res.stderr
 
+    def test_check_reports_schema_and_reference_errors_together(self, tmp_path: Path) -> None:
+        """Issue 16 item 7: a schema error used to hide every unknown provider/model reference
+        until it was fixed; one `asgi-llm check` now names both kinds."""
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(textwrap.dedent("""\
+            providers:
+              a: {base_url: "http://127.0.0.1:1/v1", timeout_s: -1}
+            models:
+              chat: {targets: [{provider: nope, model: m}]}
+            cache: {models: {ghost: {enabled: false}}}
+            auth:
+              keys:
+                - {key: "sk-check-0123456789", org: o, models: [phantom]}
+            """))
+        res = _cli("check", str(recipe))
+        assert res.returncode == 2
+        assert "providers.a.timeout_s" in res.stderr  # the schema error ...
+        assert "models.chat.targets[0].provider: unknown provider 'nope'" in res.stderr  # ... and the references
+        assert "cache.models: unknown model 'ghost'" in res.stderr
+        assert "auth.keys[0].models[0]: unknown model 'phantom'" in res.stderr
+        assert "4 problems" in res.stderr and "Traceback" not in res.stderr
+        assert "sk-check-0123456789" not in res.stderr
+
     def test_unenforceable_settings_refused(self, tmp_path: Path) -> None:
         """Auth settings that cannot be honoured (a pepper too short to protect key hashes) stop the start; no secret is echoed."""
         recipe = tmp_path / "keys.yaml"

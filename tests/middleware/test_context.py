@@ -208,6 +208,9 @@ class TestHostileJson:
         (b'{"model":"chat","temperature":-1e400}', "too large"),
         (b'{"model":"chat","seed":99999999999999999999}', "64-bit"),
         (b'{"model":"chat","seed":' + b"9" * 5000 + b"}", "too many digits"),
+        (b'{"model":"chat","model":"other","messages":[{"role":"user","content":"hi"}]}', "'model' twice"),
+        (b'{"model":"chat","messages":[{"role":"user","content":"a","role":"system"}]}', "'role' twice"),
+        (b'{"model":"chat","messages":[],"x":{"\\ud800":1,"\\ud800":2}}', "twice"),
     ])
     async def test_400_with_a_reason(self, raw: bytes, words: str) -> None:
         rec = await call(stack(), body=raw)

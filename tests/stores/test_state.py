@@ -239,3 +239,32 @@ class TestFailures:
         assert isinstance(state_store_from_url("redis://127.0.0.1:6379/0"), RedisStateStore)
         with pytest.raises(ValueError, match="unsupported"):
             state_store_from_url("mongodb://x")
+
+
+class TestResetAgreesWithTheWindow:
+    """Issue 16 item 7: ``x-ratelimit-reset-*`` said ``0s`` right after a request, later more
+    than 60 s for a per-minute limit, and disagreed with ``Retry-After``."""
+
+    async def test_reset_counts_this_request_and_stays_within_the_window(self, subject: Subject) -> None:
+        lim = Limit("requests", f"rw:{subject.ns}", 5, 1, "key 'k'")
+        for step in range(4):
+            adm = await reserve(subject, lim)
+            assert adm.admitted
+            s = adm.statuses[0]
+            assert s.remaining == 4 - step
+            assert 0 < s.reset_s <= 60, s  # never "0s" once counted, never past a per-minute window
+            if step == 1:
+                await subject.advance(1)
+        assert (await reserve(subject, lim)).statuses[0].remaining == 0
+
+    async def test_exhausted_reset_is_the_retry_after(self, subject: Subject) -> None:
+        lim = Limit("requests", f"rx:{subject.ns}", 2, 1, "key 'k'")
+        assert (await reserve(subject, lim)).admitted
+        last = await reserve(subject, lim)
+        assert last.admitted and last.statuses[0].remaining == 0
+        refused = await reserve(subject, lim)
+        assert not refused.admitted
+        assert refused.denied is not None and refused.denied.reset_s == refused.retry_after_s
+        assert refused.statuses[0].reset_s == refused.retry_after_s
+        # The last admitted request already said when the next one would fit.
+        assert abs(last.statuses[0].reset_s - refused.retry_after_s) < 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -134,13 +134,27 @@ class StateStore(Protocol):
 
 
 def _status(limit: Limit, cur: int, prev: int, elapsed_ms: int, reset_ms: int, admitted: bool) -> LimitStatus:
+    """The limit as the caller sees it after this admission (its own cost counted).
+
+    ``reset_s`` of a window: with nothing counted, 0; exhausted (``remaining`` 0), when a
+    request of the same cost fits again — what a 429's ``Retry-After`` would say; else
+    when the window turns and the counted usage starts to expire (at most the window,
+    never ``0s`` right after a counted request).
+    """
     if limit.kind in WINDOWED:
         w = limit.window_ms
         weighted = (prev * (w - elapsed_ms) + cur * w) / w
         used = math.ceil(weighted - 1e-9)
-        reset = (2 * w - elapsed_ms) if cur > 0 else (w - elapsed_ms) if prev > 0 else 0
-    else:
-        used, reset = cur, reset_ms
+        counted = cur + (limit.cost if admitted else 0)
+        remaining = max(0, limit.limit - used - (limit.cost if admitted else 0))
+        if counted <= 0 and prev <= 0:
+            reset = 0
+        elif remaining == 0 and 0 < limit.cost <= limit.limit:
+            reset = max(1, _retry_after_ms(limit, counted, prev, elapsed_ms, reset_ms))
+        else:
+            reset = max(1, w - elapsed_ms)
+        return LimitStatus(limit, used, remaining, reset / 1000)
+    used, reset = cur, reset_ms
     after = used + (limit.cost if admitted else 0)
     return LimitStatus(limit, used, max(0, limit.limit - after), reset / 1000)
 
@@ -190,7 +204,10 @@ def admission_from(limits: Sequence[Limit], raw: Sequence[tuple[str, int, int, i
             if ra > wait:
                 worst, wait = i, ra
     assert worst is not None
-    return Admission(False, statuses, denied=statuses[worst], retry_after_s=wait / 1000)
+    # The refused limit's reset is the Retry-After: one number, in both headers.
+    denied = replace(statuses[worst], reset_s=wait / 1000)
+    statuses = (*statuses[:worst], denied, *statuses[worst + 1:])
+    return Admission(False, statuses, denied=denied, retry_after_s=wait / 1000)
 
 
 def settle_deltas(reservation: Reservation, tokens: int, spend: int) -> list[tuple[str, str, int]]:
