@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from asgi_llm.errors import UpstreamConnectionError, UpstreamProtocolError, UpstreamTimeoutError
+from asgi_llm.providers.transport import collect_at_most
 
 __all__ = ["GuardedTransport", "NetworkPolicy", "NodeURLError", "normalize_node_url"]
 
@@ -213,6 +214,14 @@ class _GuardedResponse:
     async def read(self) -> bytes:
         with _node_errors(self._name):
             return bytes(await self._inner.read())
+
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
+        with _node_errors(self._name):
+            inner = getattr(self._inner, "read_at_most", None)
+            if inner is not None:
+                return await inner(limit)
+            return await collect_at_most(self._inner.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         with _node_errors(self._name):

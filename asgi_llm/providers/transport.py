@@ -32,6 +32,7 @@ __all__ = [
     "AiohttpTransport",
     "AutoTransport",
     "HttpxTransport",
+    "collect_at_most",
     "TransportName",
     "UpstreamResponse",
     "UpstreamTransport",
@@ -89,7 +90,7 @@ class UpstreamTransport(Protocol):
         ...
 
 
-async def _collect(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
+async def collect_at_most(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
     """Join ``chunks`` up to ``limit`` bytes; ``None`` (and stop iterating) past it."""
     parts: list[bytes] = []
     total = 0
@@ -154,7 +155,7 @@ class _AiohttpResponse:
 
     async def read_at_most(self, limit: int) -> bytes | None:
         """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
-        return await _collect(self.iter_chunks(), limit)
+        return await collect_at_most(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         with _map_aiohttp_errors(self._url):
@@ -261,7 +262,7 @@ class _HttpxResponse:
 
     async def read_at_most(self, limit: int) -> bytes | None:
         """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
-        return await _collect(self.iter_chunks(), limit)
+        return await collect_at_most(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         # Iterate the raw stream's own generator and close it explicitly when we stop

@@ -1,0 +1,186 @@
+"""What the round-2 attack pass found, closed (issue 12 follow-up), against real gateway
+processes, real agents (`asgi-llm node join`) and hostile engines on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from asgi_llm.testing.processes import FakeUpstreamHandle, GatewayHandle, fake_upstream, gateway_process
+from tests.e2e.test_nodes import agent, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = "sk-admin-followup-0123"
+KEY_A = "sk-org-a-followup-inference"
+ADMIN_A = "sk-org-a-followup-admin-01"
+MB = 1024 * 1024
+FLOOD_MB = 256
+
+
+class FloodEngine:
+    """An OpenAI-compatible engine whose non-stream answer is ``FLOOD_MB`` MiB of chunked JSON."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = json.dumps({"object": "list", "data": [{"id": "tiny-chat", "object": "model"}]}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                piece = b'{"pad":"' + b"x" * (MB - 10) + b'",'
+                try:
+                    for _ in range(FLOOD_MB):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass  # the gateway (or agent) gave up: what we want
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FloodEngine:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _recipe(tmp: Path, fallback: FakeUpstreamHandle, nodes_extra: str = ', allowed_networks: ["127.0.0.1/32"]') -> Path:
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(f"""\
+providers:
+  fallback: {{base_url: "{fallback.base_url}", timeout_s: 10}}
+models:
+  chat: {{targets: [{{provider: fallback, model: fallback-chat}}]}}
+  nodes-only: {{targets: [{{nodes: any, model: tiny-chat}}]}}
+auth:
+  admin_keys: ["{ADMIN}"]
+  pepper: "followup-pepper-0123456789"
+  keys:
+    - {{key: "{KEY_A}", org: org-a}}
+    - {{key: "{ADMIN_A}", org: org-a, scopes: [admin]}}
+stores: {{ledger: "sqlite:///{tmp / 'gw.db'}"}}
+usage: {{flush_interval_s: 0.05}}
+nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 3{nodes_extra}}}
+routing: {{health: {{failure_threshold: 1000, probe_interval_s: 0}}}}
+""")
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def fallback() -> Iterator[FakeUpstreamHandle]:
+    with fake_upstream("followup-fallback", models=["fallback-chat"]) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def gw(fallback: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    with gateway_process(_recipe(tmp_path_factory.mktemp("followup"), fallback), name="followup-gw") as g:
+        yield g
+
+
+def admin(url: str, method: str, path: str, body: Any = None, key: str = ADMIN) -> httpx2.Response:
+    with httpx2.Client(timeout=10, trust_env=False) as http:
+        return http.request(method, url + path, json=body, headers={"authorization": f"Bearer {key}"})
+
+
+def token(url: str, org: str = "org-a") -> str:
+    resp = admin(url, "POST", "/admin/enrollment-tokens", {"org": org})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["token"])
+
+
+def assert_error(resp: httpx2.Response, status: int, *, param: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return dict(err)
+
+
+def rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+
+class RSSPeak:
+    """Samples a process's resident set every 10 ms while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.base = self.peak = rss_mb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def __enter__(self) -> RSSPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def rise(self) -> int:
+        return self.peak - self.base
+
+
+def node_ready(url: str, name: str) -> bool:
+    rows = admin(url, "GET", "/admin/nodes").json()["data"]
+    return any(n["name"] == name and n["status"] == "online" and n["revoked_at"] is None for n in rows)
+
+
+class TestBoundedNodeAnswers:
+    """Item 1: a node's non-stream answer is read at most up to the response limit, in direct
+    and tunnel mode; the gateway's RSS does not follow the size of what the node sends."""
+
+    @pytest.mark.parametrize("tunnel", [False, True], ids=["direct", "tunnel"])
+    def test_flood_answer_is_cut_at_the_limit(self, gw: GatewayHandle, tmp_path: Path, tunnel: bool) -> None:
+        name = "flood-tun" if tunnel else "flood-direct"
+        with FloodEngine() as engine, agent(gw.url, engine.url, tmp_path / name, token=token(gw.url), name=name,
+                                            tunnel=tunnel):
+            wait_for(lambda: node_ready(gw.url, name), 15, f"{name} ready")
+            pid = gw.process.proc.pid
+            with RSSPeak(pid) as rss, httpx2.Client(timeout=60, trust_env=False) as http:
+                t0 = time.monotonic()
+                resp = http.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                                 json={"model": "nodes-only", "messages": [{"role": "user", "content": "x"}]})
+                elapsed = time.monotonic() - t0
+            node_id = next(n["id"] for n in admin(gw.url, "GET", "/admin/nodes").json()["data"] if n["name"] == name)
+            assert admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke").status_code == 200
+        assert resp.status_code == 502, resp.text
+        assert "larger than" in resp.json()["error"]["message"], resp.text
+        assert rss.rise < 100, f"gateway RSS {rss.base} -> {rss.peak} MB for a {FLOOD_MB} MB answer ({elapsed:.1f} s)"
