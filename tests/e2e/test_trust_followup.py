@@ -184,3 +184,24 @@ class TestBoundedNodeAnswers:
         assert resp.status_code == 502, resp.text
         assert "larger than" in resp.json()["error"]["message"], resp.text
         assert rss.rise < 100, f"gateway RSS {rss.base} -> {rss.peak} MB for a {FLOOD_MB} MB answer ({elapsed:.1f} s)"
+
+
+class TestMetricsVocabulary:
+    """Item 2: label values come from the gateway, not the client: 300 made-up 10 kB model
+    names (404 each) add one ``unknown`` series, not 300."""
+
+    def test_unknown_models_do_not_grow_metrics(self, gw: GatewayHandle) -> None:
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            before = len(http.get(gw.url + "/metrics").content)
+            for i in range(300):
+                resp = http.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                                 json={"model": f"m{i:05d}-" + "z" * 10_000, "messages": [{"role": "user", "content": "x"}]})
+                assert_error(resp, 404, param="model")
+            ok = http.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                           json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+            assert ok.status_code == 200, ok.text
+            text = http.get(gw.url + "/metrics").text
+        assert "zzzzzzzzzz" not in text
+        assert len(text) - before < 64 * 1024, f"/metrics grew from {before} to {len(text)} bytes"
+        assert 'asgi_llm_requests_total{endpoint="chat",model="unknown",status="404"} 300.0' in text
+        assert 'model="chat"' in text
