@@ -5,6 +5,7 @@ processes, real agents (`asgi-llm node join`) and hostile engines on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -205,3 +206,83 @@ class TestMetricsVocabulary:
         assert len(text) - before < 64 * 1024, f"/metrics grew from {before} to {len(text)} bytes"
         assert 'asgi_llm_requests_total{endpoint="chat",model="unknown",status="404"} 300.0' in text
         assert 'model="chat"' in text
+
+
+def _post_head(port: int, path: str, length: int, first: bytes, auth: str | None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n"
+    if auth is not None:
+        head += f"authorization: Bearer {auth}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + first)
+    return sock
+
+
+def _status_line(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n" not in data:
+        more = sock.recv(4096)
+        if not more:
+            break
+        data += more
+    return data.split(b"\r\n", 1)[0]
+
+
+class TestEnrollmentTokenFirst:
+    """Item 3: /nodes/enroll checks the enrollment token before it reads the body or resolves
+    a host; /nodes/register and /nodes/heartbeat check the node credential first too."""
+
+    @pytest.mark.parametrize("auth", [None, "ent-llm-not-a-real-token-000000000000", "nc-llm-not-a-real-credential"])
+    @pytest.mark.parametrize("path", ["/nodes/enroll", "/nodes/register", "/nodes/heartbeat"])
+    def test_refused_before_the_body_arrives(self, gw: GatewayHandle, path: str, auth: str | None) -> None:
+        """A 15 MB body is announced, 1 kB sent: the 401 comes without waiting for the rest."""
+        sock = _post_head(gw.port, path, 15_000_000, b'{"name":"x","models":["' + b"a" * 1000, auth)
+        try:
+            assert _status_line(sock).startswith(b"HTTP/1.1 401"), path
+        finally:
+            sock.close()
+
+    def test_unauthenticated_bodies_do_not_cost_memory(self, gw: GatewayHandle) -> None:
+        size = 15_000_000
+        body = b'{"name":"x","url":"http://10.0.0.1/v1","models":["' + b"a" * (size - 60) + b'"]}'
+        statuses: list[bytes] = []
+
+        def one() -> None:
+            try:
+                sock = _post_head(gw.port, "/nodes/enroll", len(body), b"", None)
+            except OSError:
+                return
+            try:
+                sock.sendall(body)
+                statuses.append(_status_line(sock))
+            except OSError:
+                pass  # the gateway answered 401 and closed while we were still sending: fine
+            finally:
+                sock.close()
+
+        with RSSPeak(gw.process.proc.pid) as rss:
+            threads = [threading.Thread(target=one) for _ in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert all(s.startswith(b"HTTP/1.1 401") for s in statuses), statuses
+        assert rss.rise < 60, f"gateway RSS {rss.base} -> {rss.peak} MB for 12 unauthenticated 15 MB bodies"
+
+    def test_no_resolution_for_a_bad_token(self, gw: GatewayHandle) -> None:
+        """An unknown token with a refused or unresolvable URL: 401, no word about the host."""
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            for url in ("http://10.0.0.1/v1", "http://does-not-exist.invalid/v1"):
+                resp = http.post(gw.url + "/nodes/enroll", headers={"authorization": "Bearer ent-llm-unknown-0000000000"},
+                                 json={"name": "probe", "url": url, "models": ["tiny-chat"]})
+                err = assert_error(resp, 401)
+                assert err["code"] == "enrollment_token_unknown"
+                assert "10.0.0.1" not in resp.text and "resolve" not in resp.text
+            used = token(gw.url)
+            first = http.post(gw.url + "/nodes/enroll", headers={"authorization": f"Bearer {used}"},
+                              json={"name": "once", "mode": "tunnel", "models": ["tiny-chat"]})
+            assert first.status_code == 201, first.text
+            again = http.post(gw.url + "/nodes/enroll", headers={"authorization": f"Bearer {used}"},
+                              json={"name": "twice", "url": "http://10.0.0.1/v1", "models": ["tiny-chat"]})
+            assert assert_error(again, 401)["code"] == "enrollment_token_used"
+            node_id = first.json()["node_id"]
+            assert admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke").status_code == 200
