@@ -74,14 +74,71 @@ class FloodEngine:
         self.server.server_close()
 
 
-def _recipe(tmp: Path, fallback: FakeUpstreamHandle, nodes_extra: str = ', allowed_networks: ["127.0.0.1/32"]') -> Path:
+class SurrogateEngine:
+    """An OpenAI-compatible upstream whose answers (whole and streamed) hold a lone
+    surrogate, ``"ok\\ud800"`` — valid JSON text, not encodable as UTF-8 once decoded."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _send(self, ctype: str, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._send("application/json", b'{"object":"list","data":[{"id":"odd","object":"model"}]}')
+
+            def do_POST(self) -> None:
+                req = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                usage = '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}'
+                if req.get("stream"):
+                    events = [
+                        '{"id":"c1","object":"chat.completion.chunk","model":"odd","choices":[{"index":0,'
+                        '"delta":{"role":"assistant","content":"ok\\ud800"},"finish_reason":null}]}',
+                        '{"id":"c1","object":"chat.completion.chunk","model":"odd","choices":[{"index":0,'
+                        '"delta":{},"finish_reason":"stop"}],' + usage + "}",
+                    ]
+                    body = "".join(f"data: {e}\n\n" for e in events) + "data: [DONE]\n\n"
+                    self._send("text/event-stream", body.encode())
+                else:
+                    body = ('{"id":"c1","object":"chat.completion","model":"odd","choices":[{"index":0,"message":'
+                            '{"role":"assistant","content":"ok\\ud800"},"finish_reason":"stop"}],' + usage + "}")
+                    self._send("application/json", body.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> SurrogateEngine:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _recipe(tmp: Path, fallback: FakeUpstreamHandle, odd: str,
+            nodes_extra: str = ', allowed_networks: ["127.0.0.1/32"]') -> Path:
     recipe = tmp / "recipe.yaml"
     recipe.write_text(f"""\
 providers:
   fallback: {{base_url: "{fallback.base_url}", timeout_s: 10}}
+  odd: {{base_url: "{odd}", timeout_s: 10}}
 models:
   chat: {{targets: [{{provider: fallback, model: fallback-chat}}]}}
+  odd: {{targets: [{{provider: odd, model: odd}}]}}
+  odd-cached: {{targets: [{{provider: odd, model: odd}}]}}
   nodes-only: {{targets: [{{nodes: any, model: tiny-chat}}]}}
+cache: {{enabled: true, ttl_s: 300, models: {{odd: {{enabled: false}}, chat: {{enabled: false}}}}}}
 auth:
   admin_keys: ["{ADMIN}"]
   pepper: "followup-pepper-0123456789"
@@ -103,8 +160,15 @@ def fallback() -> Iterator[FakeUpstreamHandle]:
 
 
 @pytest.fixture(scope="module")
-def gw(fallback: FakeUpstreamHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    with gateway_process(_recipe(tmp_path_factory.mktemp("followup"), fallback), name="followup-gw") as g:
+def odd() -> Iterator[SurrogateEngine]:
+    with SurrogateEngine() as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def gw(fallback: FakeUpstreamHandle, odd: SurrogateEngine, tmp_path_factory: pytest.TempPathFactory
+       ) -> Iterator[GatewayHandle]:
+    with gateway_process(_recipe(tmp_path_factory.mktemp("followup"), fallback, odd.url), name="followup-gw") as g:
         yield g
 
 
@@ -286,3 +350,29 @@ class TestEnrollmentTokenFirst:
             assert assert_error(again, 401)["code"] == "enrollment_token_used"
             node_id = first.json()["node_id"]
             assert admin(gw.url, "POST", f"/admin/nodes/{node_id}/revoke").status_code == 200
+
+
+class TestLoneSurrogates:
+    """Item 4: an upstream answer with a lone surrogate is relayed as sent (whole, streamed,
+    cached), not a 500; its ledger rows land."""
+
+    def test_relayed_and_metered(self, gw: GatewayHandle) -> None:
+        headers = {"authorization": f"Bearer {KEY_A}"}
+        msg = [{"role": "user", "content": "x"}]
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            for model in ("odd", "odd-cached", "odd-cached"):
+                resp = http.post(gw.url + "/v1/chat/completions", headers=headers, json={"model": model, "messages": msg, "temperature": 0})
+                assert resp.status_code == 200, resp.text
+                assert b'"ok\\ud800"' in resp.content
+            assert resp.headers.get("x-asgi-llm-cache") in ("hit", "HIT"), dict(resp.headers)
+            with http.stream("POST", gw.url + "/v1/chat/completions", headers=headers,
+                             json={"model": "odd", "messages": msg, "stream": True}) as streamed:
+                assert streamed.status_code == 200
+                text = b"".join(streamed.iter_bytes())
+            assert b'ok\\ud800' in text and text.rstrip().endswith(b"data: [DONE]"), text
+            assert http.post(gw.url + "/admin/usage/flush", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
+            rows = http.get(gw.url + "/admin/usage", params={"group_by": "model"},
+                            headers={"authorization": f"Bearer {ADMIN}"}).json()["data"]
+        by_model = {r["model"]: r for r in rows}
+        assert by_model["odd"]["attempts"] == 2, rows
+        assert by_model["odd-cached"]["attempts"] >= 1, rows
