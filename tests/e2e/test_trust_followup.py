@@ -376,3 +376,28 @@ class TestLoneSurrogates:
         by_model = {r["model"]: r for r in rows}
         assert by_model["odd"]["attempts"] == 2, rows
         assert by_model["odd-cached"]["attempts"] >= 1, rows
+
+
+class TestHangUpMidBody:
+    """Item 5: a client that hangs up mid-body on /nodes/* and /admin/* is no error: no
+    traceback in the gateway's log."""
+
+    def test_no_traceback(self, gw: GatewayHandle) -> None:
+        enrolled = httpx2.post(gw.url + "/nodes/enroll", headers={"authorization": f"Bearer {token(gw.url)}"},
+                               json={"name": "hangup", "mode": "tunnel", "models": ["tiny-chat"]}, timeout=10)
+        assert enrolled.status_code == 201, enrolled.text
+        credential = enrolled.json()["credential"]
+        log_before = len(gw.process.log_text())
+        for path, key in (("/admin/enrollment-tokens", ADMIN), ("/admin/keys", ADMIN), ("/nodes/register", credential),
+                          ("/nodes/heartbeat", credential)):
+            sock = _post_head(gw.port, path, 100_000, b'{"org": "org-a", "pad": "', key)
+            sock.close()
+        # The gateway still answers, and every hang-up has been handled by the time a
+        # request sent after them (on a fresh connection) is: poll the log briefly.
+        assert admin(gw.url, "GET", "/admin/nodes").status_code == 200
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            tail = gw.process.log_text()[log_before:]
+            assert "Traceback" not in tail and "unhandled error" not in tail, tail
+            time.sleep(0.1)
+        assert admin(gw.url, "POST", f"/admin/nodes/{enrolled.json()['node_id']}/revoke").status_code == 200
