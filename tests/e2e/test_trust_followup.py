@@ -401,3 +401,32 @@ class TestHangUpMidBody:
             assert "Traceback" not in tail and "unhandled error" not in tail, tail
             time.sleep(0.1)
         assert admin(gw.url, "POST", f"/admin/nodes/{enrolled.json()['node_id']}/revoke").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def strict_gw(fallback: FakeUpstreamHandle, odd: SurrogateEngine, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[GatewayHandle]:
+    """The default network policy (no nodes.allowed_networks)."""
+    with gateway_process(_recipe(tmp_path_factory.mktemp("followup-strict"), fallback, odd.url, nodes_extra=""),
+                         name="followup-gw-strict") as g:
+        yield g
+
+
+class TestTransitionAddresses:
+    """Item 6: IPv6 forms that embed a denied IPv4 address, and cloud metadata addresses,
+    are refused by the default policy (400 on ``url``), the token left unspent."""
+
+    @pytest.mark.parametrize("host", [
+        "[::127.0.0.1]", "[64:ff9b::7f00:1]", "[::ffff:0:7f00:1]", "[2002:7f00:1::]", "[fd00:ec2::254]",
+        "100.100.100.200", "[64:ff9b::a9fe:a9fe]", "[2001:0:4136:e378:8000:63bf:80ff:fffe]", "[64:ff9b:1::a00:1]",
+    ])
+    def test_refused(self, strict_gw: GatewayHandle, host: str) -> None:
+        tok = token(strict_gw.url)
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            resp = http.post(strict_gw.url + "/nodes/enroll", headers={"authorization": f"Bearer {tok}"},
+                             json={"name": "v6probe", "url": f"http://{host}:8080/v1", "models": ["tiny-chat"]})
+            assert_error(resp, 400, param="url")
+            ok = http.post(strict_gw.url + "/nodes/enroll", headers={"authorization": f"Bearer {tok}"},
+                           json={"name": "v6ok", "mode": "tunnel", "models": ["tiny-chat"]})
+        assert ok.status_code == 201, ok.text  # the refused attempt did not spend the token
+        assert admin(strict_gw.url, "POST", f"/admin/nodes/{ok.json()['node_id']}/revoke").status_code == 200
