@@ -127,7 +127,7 @@ class SurrogateEngine:
 
 
 def _recipe(tmp: Path, fallback: FakeUpstreamHandle, odd: str,
-            nodes_extra: str = ', allowed_networks: ["127.0.0.1/32"]') -> Path:
+            nodes_extra: str = ', allowed_networks: ["127.0.0.1/32"]', ledger: str | None = None) -> Path:
     recipe = tmp / "recipe.yaml"
     recipe.write_text(f"""\
 providers:
@@ -145,7 +145,7 @@ auth:
   keys:
     - {{key: "{KEY_A}", org: org-a}}
     - {{key: "{ADMIN_A}", org: org-a, scopes: [admin]}}
-stores: {{ledger: "sqlite:///{tmp / 'gw.db'}"}}
+stores: {{ledger: "{ledger or f'sqlite:///{tmp / "gw.db"}'}"}}
 usage: {{flush_interval_s: 0.05}}
 nodes: {{heartbeat_interval_s: 0.5, heartbeat_window_s: 3{nodes_extra}}}
 routing: {{health: {{failure_threshold: 1000, probe_interval_s: 0}}}}
@@ -430,3 +430,60 @@ class TestTransitionAddresses:
                            json={"name": "v6ok", "mode": "tunnel", "models": ["tiny-chat"]})
         assert ok.status_code == 201, ok.text  # the refused attempt did not spend the token
         assert admin(strict_gw.url, "POST", f"/admin/nodes/{ok.json()['node_id']}/revoke").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def pg_gw(fallback: FakeUpstreamHandle, odd: SurrogateEngine, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[GatewayHandle]:
+    """Keys, tokens and consents in a real PostgreSQL (which refuses NUL in text)."""
+    from tests.services import postgres_database
+
+    pg = postgres_database()
+    url = next(pg)
+    try:
+        with gateway_process(_recipe(tmp_path_factory.mktemp("followup-pg"), fallback, odd.url, ledger=url),
+                             name="followup-gw-pg") as g:
+            yield g
+    finally:
+        pg.close()
+
+
+class TestAdminBodies:
+    """Item 7: control characters in names and orgs, and absurd limits, are a 400 on the
+    field — not a 503 store error from PostgreSQL."""
+
+    @pytest.mark.parametrize(("body", "param"), [
+        ({"org": "org-a", "name": "ci\u0000x"}, "name"),
+        ({"org": "org-\u0000a"}, "org"),
+        ({"org": "org-a", "name": "bell\u0007"}, "name"),
+        ({"org": "org-a", "limits": {"rpm": 2**70}}, "limits"),
+        ({"org": "org-a", "limits": {"concurrency": 2**53 + 1}}, "limits"),
+        ({"org": "org-a", "limits": {"spend_usd_per_day": 1e300}}, "limits"),
+        ({"org": "org-a", "model_limits": {"chat": {"tpm": 2**60}}}, "model_limits"),
+        ({"org": "org-a", "expires_in_s": 1e300}, "expires_in_s"),
+    ])
+    def test_keys(self, pg_gw: GatewayHandle, body: dict[str, Any], param: str) -> None:
+        raw = json.dumps(body)
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            resp = http.post(pg_gw.url + "/admin/keys", content=raw,
+                             headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
+        err = assert_error(resp, 400)
+        assert str(err["param"]).startswith(param), err
+
+    def test_sane_key_still_created(self, pg_gw: GatewayHandle) -> None:
+        resp = admin(pg_gw.url, "POST", "/admin/keys", {"org": "org-a", "name": "ci", "limits": {"rpm": 2**53,
+                     "spend_usd_per_day": 1000}})
+        assert resp.status_code == 201, resp.text
+
+    @pytest.mark.parametrize(("method", "path", "raw", "param"), [
+        ("POST", "/admin/enrollment-tokens", '{"org": "org-\\u0000a"}', "org"),
+        ("POST", "/admin/enrollment-tokens", '{"org": "org-a", "labels": {"k": "v\\u0000"}}', "labels"),
+        ("PUT", "/admin/node-acceptance", '{"org": "org-\\u0000a", "accept": []}', "org"),
+        ("PUT", "/admin/node-acceptance", '{"org": "org-a", "accept": [{"owner": "b\\u0000", '
+                                          '"max_price": {"input": 0, "output": 0}}]}', "accept[0].owner"),
+    ])
+    def test_node_admin_bodies(self, pg_gw: GatewayHandle, method: str, path: str, raw: str, param: str) -> None:
+        with httpx2.Client(timeout=10, trust_env=False) as http:
+            resp = http.request(method, pg_gw.url + path, content=raw,
+                                headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
+        assert_error(resp, 400, param=param)
