@@ -487,3 +487,26 @@ class TestAdminBodies:
             resp = http.request(method, pg_gw.url + path, content=raw,
                                 headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
         assert_error(resp, 400, param=param)
+
+
+class TestHeaderLimitExact:
+    """Item 8: max_header_bytes (64 KiB by default) holds even when the whole oversized header
+    block arrives in one read: 431, not 200."""
+
+    @pytest.mark.parametrize("size", [66_000, 100_000, 200_000])
+    def test_whole_block_in_one_send(self, gw: GatewayHandle, size: int) -> None:
+        from tests.e2e.test_trust_edge import error_of, read_response
+
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * size + b"\r\n\r\n")
+            status, headers, body = read_response(sock, timeout=5)
+        assert status == 431 and "connection: close" in headers
+        assert "exceed 65536 bytes" in error_of(body)["message"]
+
+    def test_just_under_the_limit_is_served(self, gw: GatewayHandle) -> None:
+        from tests.e2e.test_trust_edge import read_response
+
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 60_000 + b"\r\n\r\n")
+            status, _, _ = read_response(sock, timeout=5)
+        assert status == 200
