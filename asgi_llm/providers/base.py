@@ -41,6 +41,7 @@ __all__ = [
     "UpstreamReply",
     "chunk_has_content",
     "describe_request",
+    "name_target",
     "raise_for_upstream_status",
     "read_limited",
     "retry_after_seconds",
@@ -248,6 +249,16 @@ async def _drain(iterator: AsyncIterator[bytes]) -> None:
                 pass
     except (TimeoutError, UpstreamError):
         pass  # the answer is complete; a connection that misbehaves now is simply not reused
+
+
+def name_target(exc: UpstreamError, route: str) -> UpstreamError:
+    """``exc`` (from a transport, which names only the upstream's origin) with the target
+    route named first, once — what a client may know of an upstream it could not reach."""
+    if exc.target is None:
+        exc.target = route
+        exc.message = f"{route}: {exc.message}"
+        exc.args = (exc.message,)
+    return exc
 
 
 async def read_limited(response: UpstreamResponse, limit: int, target: str, *, truncate: bool = False) -> bytes:

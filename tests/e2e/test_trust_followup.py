@@ -25,6 +25,7 @@ ADMIN = "sk-admin-followup-0123"
 KEY_A = "sk-org-a-followup-inference"
 ADMIN_A = "sk-org-a-followup-admin-01"
 MB = 1024 * 1024
+CLOSED_PORT = 1  # nothing listens there: every connection is refused
 FLOOD_MB = 256
 
 
@@ -133,10 +134,12 @@ def _recipe(tmp: Path, fallback: FakeUpstreamHandle, odd: str,
 providers:
   fallback: {{base_url: "{fallback.base_url}", timeout_s: 10}}
   odd: {{base_url: "{odd}", timeout_s: 10}}
+  closed: {{base_url: "http://127.0.0.1:{CLOSED_PORT}/v1/SECRETPATHTOKEN", timeout_s: 5}}
 models:
   chat: {{targets: [{{provider: fallback, model: fallback-chat}}]}}
   odd: {{targets: [{{provider: odd, model: odd}}]}}
   odd-cached: {{targets: [{{provider: odd, model: odd}}]}}
+  closed: {{targets: [{{provider: closed, model: m}}]}}
   nodes-only: {{targets: [{{nodes: any, model: tiny-chat}}]}}
 cache: {{enabled: true, ttl_s: 300, models: {{odd: {{enabled: false}}, chat: {{enabled: false}}}}}}
 auth:
@@ -510,3 +513,18 @@ class TestHeaderLimitExact:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 60_000 + b"\r\n\r\n")
             status, _, _ = read_response(sock, timeout=5)
         assert status == 200
+
+
+class TestUpstreamErrorMessages:
+    """Item 9: a connection error names the target and the upstream's origin, never its path
+    (which may hold a secret) or credentials."""
+
+    def test_no_path_in_the_message(self, gw: GatewayHandle) -> None:
+        model = "closed"
+        with httpx2.Client(timeout=20, trust_env=False) as http:
+            resp = http.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                             json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+        assert resp.status_code in (502, 503), resp.text
+        message = resp.json()["error"]["message"]
+        assert "SECRETPATHTOKEN" not in resp.text, message
+        assert f"127.0.0.1:{CLOSED_PORT}" in message and model in message, message
