@@ -351,7 +351,9 @@ def _retry_headers(headers: Any) -> dict[str, str]:
     out = {}
     for name in ("retry-after", "retry-after-ms"):
         value = headers.get(name)
-        if value:
+        # Relayed to the client as is: only short, printable ASCII (a date or a number);
+        # anything else would not even encode as a header.
+        if isinstance(value, str) and value and len(value) <= 64 and value.isascii() and value.isprintable():
             out[name] = value
     return out
 

@@ -95,6 +95,15 @@ class SurrogateEngine:
 
             def do_POST(self) -> None:
                 req = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                if req.get("model") == "busy":  # a rate limit whose Retry-After is not ASCII
+                    body = b'{"error":{"message":"slow down","type":"rate_limit_error"}}'
+                    self.send_response(429)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("retry-after", "5\xff\u00e9")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 usage = '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}'
                 if req.get("stream"):
                     events = [
@@ -140,6 +149,7 @@ models:
   odd: {{targets: [{{provider: odd, model: odd}}]}}
   odd-cached: {{targets: [{{provider: odd, model: odd}}]}}
   closed: {{targets: [{{provider: closed, model: m}}]}}
+  busy: {{targets: [{{provider: odd, model: busy}}]}}
   nodes-only: {{targets: [{{nodes: any, model: tiny-chat}}]}}
 cache: {{enabled: true, ttl_s: 300, models: {{odd: {{enabled: false}}, chat: {{enabled: false}}}}}}
 auth:
@@ -528,3 +538,16 @@ class TestUpstreamErrorMessages:
         message = resp.json()["error"]["message"]
         assert "SECRETPATHTOKEN" not in resp.text, message
         assert f"127.0.0.1:{CLOSED_PORT}" in message and model in message, message
+
+
+class TestUpstreamRetryAfter:
+    """An upstream's Retry-After that is not plain ASCII is not relayed (it was a 500 when
+    the error response's headers were encoded)."""
+
+    def test_non_ascii_retry_after(self, gw: GatewayHandle) -> None:
+        with httpx2.Client(timeout=20, trust_env=False) as http:
+            resp = http.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                             json={"model": "busy", "messages": [{"role": "user", "content": "x"}]})
+        assert resp.status_code in (429, 502, 503), resp.text
+        assert resp.json()["error"]["message"]
+        assert "\xff" not in resp.headers.get("retry-after", "")
