@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["redact_url", "redact_urls_in"]
+__all__ = ["redact_url", "redact_urls_in", "url_origin"]
 
 
 def redact_url(url: str) -> str:
@@ -35,6 +35,25 @@ def redact_url(url: str) -> str:
         netloc = "***@" + netloc
     query = "***" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url`` — what a client may be told about an upstream
+    it could not reach (the path, which may hold a secret, is for the log only).
+
+    Example:
+        >>> url_origin("https://bob:hunter2@api.example.com:8443/v1/SECRET/chat?key=abc")
+        'https://api.example.com:8443'
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparseable url>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
 
 
 def redact_urls_in(text: str, *urls: str | None) -> str:

@@ -130,13 +130,25 @@ if HttpToolsProtocol is not None:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._in_headers:
-                self._header_bytes += len(data)
-            super().data_received(data)
-            if self._in_headers and self._header_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
-                self._refuse(_response(431, b"Request Header Fields Too Large",
-                                       f"The request line and headers exceed {self.limits.max_header_bytes} bytes.",
-                                       "request_header_fields_too_large"))
+            # While in the headers, feed the parser at most one byte past the limit at a
+            # time: a read that holds a whole oversized header block (100 KB in one
+            # segment) is refused before the parser could complete it.
+            limit = self.limits.max_header_bytes
+            while data and self._in_headers:
+                if self.transport.is_closing():
+                    return
+                piece, data = data[:max(0, limit - self._header_bytes) + 1], data[max(0, limit - self._header_bytes) + 1:]
+                self._header_bytes += len(piece)
+                super().data_received(piece)
+                if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                    return  # refused, failed to parse, or upgraded to a WebSocket (as uvicorn: rest dropped)
+                if self._in_headers and self._header_bytes > limit:
+                    self._refuse(_response(431, b"Request Header Fields Too Large",
+                                           f"The request line and headers exceed {limit} bytes.",
+                                           "request_header_fields_too_large"))
+                    return
+            if data:
+                super().data_received(data)
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's answer to a parser error: ours when one of our limits raised it.

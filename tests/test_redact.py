@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asgi_llm._redact import redact_url, redact_urls_in
+from asgi_llm._redact import redact_url, redact_urls_in, url_origin
 
 
 class TestRedactUrl:
@@ -28,3 +28,11 @@ class TestRedactUrl:
         out = redact_urls_in(text, url)
         assert "pw" not in out and "token=t" not in out
         assert out.count("http://***@h.example:1/v1/chat?***") == 2
+
+
+def test_url_origin() -> None:
+    """Scheme, host and port only: no credentials, path, query or fragment."""
+    assert url_origin("https://bob:pw@api.example.com:8443/v1/SECRET/chat?key=abc#x") == "https://api.example.com:8443"
+    assert url_origin("http://[::1]:80/a") == "http://[::1]:80"
+    assert url_origin("http://host/v1") == "http://host"
+    assert url_origin("http://[::1") == "<unparseable url>"

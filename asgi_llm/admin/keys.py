@@ -19,9 +19,10 @@ keys appear in listings (``"source": "recipe"``) but are changed in the recipe o
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -38,19 +39,66 @@ if TYPE_CHECKING:
 __all__ = ["CreateKey", "key_routes"]
 
 
+MAX_LIMIT = 2**53
+"""Largest rpm / tpm / concurrency a key may carry (exact in every store and in JSON)."""
+MAX_SPEND_USD = Decimal(10**9)
+"""Largest spend quota (USD per day or month) a key may carry."""
+MAX_EXPIRES_S = 100 * 365 * 86400.0
+
+
 class CreateKey(BaseModel):
-    """The body of ``POST /admin/keys``."""
+    """The body of ``POST /admin/keys``. Names and orgs are printable text (no NUL or other
+    control characters, which no store accepts), limits bounded — so a bad body is a 400,
+    never a store error."""
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     org: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^*\s]+$")
     name: str | None = Field(None, max_length=200)
-    scopes: list[str] = Field(default_factory=lambda: ["inference"], min_length=1)
-    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    scopes: list[str] = Field(default_factory=lambda: ["inference"], min_length=1, max_length=3)
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
     limits: KeyLimits = Field(default_factory=KeyLimits)
-    model_limits: dict[str, KeyLimits] = Field(default_factory=dict)
-    expires_at: float | None = Field(None, gt=0)
-    expires_in_s: float | None = Field(None, gt=0)
+    model_limits: dict[str, KeyLimits] = Field(default_factory=dict, max_length=1000)
+    expires_at: float | None = Field(None, gt=0, allow_inf_nan=False)
+    expires_in_s: float | None = Field(None, gt=0, le=MAX_EXPIRES_S, allow_inf_nan=False)
+
+    @field_validator("org", "name")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and not value.isprintable():
+            raise ValueError("must be printable text (no control characters such as NUL)")
+        return value
+
+    @field_validator("scopes", "models")
+    @classmethod
+    def _short_names(cls, value: list[str]) -> list[str]:
+        if any(len(v) > 200 or not v.isprintable() for v in value):
+            raise ValueError("names must be at most 200 printable characters")
+        return value
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, value: KeyLimits) -> KeyLimits:
+        return _bounded_limits(value)
+
+    @field_validator("model_limits")
+    @classmethod
+    def _model_limits(cls, value: dict[str, KeyLimits]) -> dict[str, KeyLimits]:
+        for limits in value.values():
+            _bounded_limits(limits)
+        return value
+
+
+def _bounded_limits(limits: KeyLimits) -> KeyLimits:
+    for name in ("rpm", "tpm", "concurrency"):
+        number = getattr(limits, name)
+        if number is not None and number > MAX_LIMIT:
+            raise ValueError(f"{name} may be at most 2**53 ({MAX_LIMIT})")
+    for name in ("spend_usd_per_day", "spend_usd_per_month"):
+        spend = getattr(limits, name)
+        if spend is not None and (not spend.is_finite() or spend > MAX_SPEND_USD):
+            raise ValueError(f"{name} must be a finite amount of at most {MAX_SPEND_USD} USD")
+    return limits
 
 
 def _caller(request: Request) -> Principal:

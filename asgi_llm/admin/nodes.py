@@ -174,7 +174,7 @@ def node_admin_routes(service: NodeService, *, ledger: Any = None) -> list[BaseR
 
     def _consent_org(caller: Principal, org: Any) -> str:
         if caller.org == SUPER_ORG:
-            if not isinstance(org, str) or not org or org == SUPER_ORG or len(org) > 200:
+            if not isinstance(org, str) or not org or org == SUPER_ORG or len(org) > 200 or not org.isprintable():
                 raise InvalidRequestError("Say whose acceptance this is: \"org\" is required for a recipe admin.", param="org")
             return org
         if org is not None and org != caller.org:

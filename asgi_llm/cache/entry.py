@@ -23,10 +23,20 @@ from typing import Any
 from asgi_llm._sse import encode_json
 from asgi_llm.context import Usage
 
-__all__ = ["ENTRY_VERSION", "Entry", "StreamAssembler", "is_complete", "replay_events", "usage_dict"]
+__all__ = ["ENTRY_VERSION", "Entry", "StreamAssembler", "is_complete", "json_bytes", "replay_events", "usage_dict"]
 
 ENTRY_VERSION = 1
 _TOP_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON of ``obj``. An upstream answer may hold a lone surrogate
+    (``"\\ud800"`` decodes to one, UTF-8 cannot encode it): such a document is written
+    ASCII-escaped instead, as the upstream sent it, rather than raising."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +51,7 @@ class Entry:
     def encode(self) -> bytes:
         doc = {"v": ENTRY_VERSION, "endpoint": self.endpoint, "response": self.response,
                "stored_at": self.stored_at, "route": self.route}
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        return json_bytes(doc)
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry | None:

@@ -31,7 +31,6 @@ A store outage never fails a request: the request is served without the cache
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected, send_bytes
 from asgi_llm._sse import DONE
 from asgi_llm.cache.capture import ResponseCapture
-from asgi_llm.cache.entry import Entry, is_complete, replay_events
+from asgi_llm.cache.entry import Entry, is_complete, json_bytes, replay_events
 from asgi_llm.cache.keys import CacheKey, make_key
 from asgi_llm.cache.policy import CachePolicy, Controls, is_deterministic, parse_controls
 from asgi_llm.context import RequestContext, gateway_headers
@@ -186,7 +185,7 @@ class _Responder:
         ctx.state["cache_hit"] = {"usage": usage, "route": entry.route, "key": self.key.digest, "age_s": age}
         headers = [*gateway_headers(ctx), (b"age", str(int(age)).encode())]
         if not ctx.stream:
-            body = json.dumps(entry.response, separators=(",", ":"), ensure_ascii=False).encode()
+            body = json_bytes(entry.response)
             await send_bytes(send, 200, body, [*JSON_HEADERS, *headers])
             return
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})

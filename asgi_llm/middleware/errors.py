@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import JSON_HEADERS, ClientDisconnected, send_bytes
@@ -38,9 +39,12 @@ class ErrorMiddleware:
         state = _ResponseState(send)
         try:
             await self.app(scope, receive, state.send)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):
             return
         except Exception as exc:  # noqa: BLE001 - this layer exists to catch everything
+            if _only_disconnects(exc):  # Starlette's, from Request.body() in a route, maybe in a group
+                logger.debug("client disconnected mid-request: %s %s", scope.get("method"), scope.get("path"))
+                return
             error = _find_gateway_error(exc)
             if error is None:
                 logger.exception("unhandled error in the gateway pipeline")
@@ -89,6 +93,15 @@ class _ResponseState:
             # without the rest makes the client see a broken response, not a success.
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         self.finished = True
+
+
+def _only_disconnects(exc: BaseException) -> bool:
+    """Is ``exc`` a client hang-up (ours or Starlette's), alone or as every member of a group?"""
+    if isinstance(exc, ClientDisconnected | ClientDisconnect):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_disconnects(sub) for sub in exc.exceptions)
+    return False
 
 
 def _find_gateway_error(exc: BaseException) -> GatewayError | None:

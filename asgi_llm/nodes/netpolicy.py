@@ -12,7 +12,8 @@ the destination inside a policy:
 * **Destination** (:class:`NetworkPolicy`): every address the host resolves to must be
   allowed. With ``nodes.allowed_networks`` unset, any address is allowed except loopback
   (127/8, ::1), link-local (169.254/16 — cloud metadata —, fe80::/10), unspecified
-  (0/8, ::) and multicast. With ``allowed_networks`` set, only addresses inside one of
+  (0/8, ::), multicast and the known cloud metadata addresses — also when embedded in
+  an IPv6 transition form (``::127.0.0.1``, NAT64, SIIT, 6to4, Teredo). With ``allowed_networks`` set, only addresses inside one of
   those CIDRs are allowed (listing 127.0.0.1/32 is how tests and single-host setups
   allow loopback). The gateway's own listen address (IP and port) is always refused:
   a node pointing at the gateway would loop.
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from asgi_llm.errors import UpstreamConnectionError, UpstreamProtocolError, UpstreamTimeoutError
+from asgi_llm.providers.transport import collect_at_most
 
 __all__ = ["GuardedTransport", "NetworkPolicy", "NodeURLError", "normalize_node_url"]
 
@@ -54,7 +56,31 @@ _DEFAULT_DENY: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "::/128",               # unspecified / "this host"
     "224.0.0.0/4", "ff00::/8",           # multicast
     "255.255.255.255/32",
+    "64:ff9b:1::/48",                    # local-use NAT64 (RFC 8215): embeds IPv4 at a site-chosen offset
+    "100.100.100.200/32",                # Alibaba Cloud metadata
+    "fd00:ec2::254/128",                 # AWS instance metadata over IPv6
+    "168.63.129.16/32",                  # Azure platform (wireserver)
 ))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 transition form carries (IPv4-compatible ``::a.b.c.d``,
+    NAT64 ``64:ff9b::/96``, SIIT ``::ffff:0:a.b.c.d``, 6to4 ``2002::/16``, Teredo), so the
+    default policy classifies ``[::127.0.0.1]`` like ``127.0.0.1``; ``None`` otherwise."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64 or ip in _SIIT or (ip in _V4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 class NodeURLError(ValueError):
@@ -155,8 +181,10 @@ class NetworkPolicy:
             if any(ip.version == net.version and ip in net for net in self.allowed):
                 return None
             return f"{ip} is outside nodes.allowed_networks"
-        if any(ip.version == net.version and ip in net for net in _DEFAULT_DENY):
-            return f"{ip} is a loopback, link-local, unspecified or multicast address (allow it in nodes.allowed_networks)"
+        for candidate in (ip, embedded_ipv4(ip)):
+            if candidate is not None and any(candidate.version == net.version and candidate in net for net in _DEFAULT_DENY):
+                return (f"{ip} is a loopback, link-local, unspecified, multicast or cloud metadata address "
+                        "(or embeds one) (allow it in nodes.allowed_networks)")
         return None
 
     def check_literal(self, url: str) -> str | None:
@@ -213,6 +241,14 @@ class _GuardedResponse:
     async def read(self) -> bytes:
         with _node_errors(self._name):
             return bytes(await self._inner.read())
+
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
+        with _node_errors(self._name):
+            inner = getattr(self._inner, "read_at_most", None)
+            if inner is not None:
+                return await inner(limit)
+            return await collect_at_most(self._inner.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         with _node_errors(self._name):

@@ -48,7 +48,9 @@ def node_routes(service: NodeService) -> list[BaseRoute]:
 
     async def enroll(request: Request) -> JSONResponse:
         service.registry.policy.learn_self(request.scope.get("server"))
-        return _respond(request, await service.enroll(presented_key(request.scope), await _json(request)), 201)
+        token = presented_key(request.scope)
+        await service.check_enrollment_token(token)  # before the body is read or any name resolved
+        return _respond(request, await service.enroll(token, await _json(request)), 201)
 
     async def heartbeat(request: Request) -> JSONResponse:
         record = await service.authenticate(presented_key(request.scope))

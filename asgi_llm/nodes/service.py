@@ -43,6 +43,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MAX_SECRET = 256
 
 
+def _token_error(problem: str) -> AuthenticationError:
+    message = {
+        "used": "This enrollment token was already used; ask an admin for a new one.",
+        "expired": "This enrollment token has expired; ask an admin for a new one.",
+    }.get(problem, "Unknown enrollment token.")
+    return AuthenticationError(message, code=f"enrollment_token_{problem}")
+
+
 class NodeConflictError(InvalidRequestError):
     """The node name is taken."""
 
@@ -85,10 +93,20 @@ class NodeService:
 
     # ----------------------------------------------------------------- enrollment
 
-    async def enroll(self, token: str | None, body: dict[str, Any]) -> dict[str, Any]:
-        """Exchange an enrollment token for a node credential (201 body)."""
+    async def check_enrollment_token(self, token: str | None) -> None:
+        """Refuse (401) a missing, unknown, used or expired enrollment token — without
+        consuming it — so nothing else (body, name lookups) happens for a caller without one."""
         if not token or not token.startswith(TOKEN_PREFIX) or len(token) > _MAX_SECRET:
             raise AuthenticationError("Enrollment needs a valid enrollment token (ent-llm-…).", code="invalid_enrollment_token")
+        problem = await self.store.token_problem(secret_hash(self.registry.pepper(), token), at=self.clock())
+        if problem is not None:
+            raise _token_error(problem)
+
+    async def enroll(self, token: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """Exchange an enrollment token for a node credential (201 body). The route calls
+        :meth:`check_enrollment_token` before reading the body; it is checked again here."""
+        await self.check_enrollment_token(token)
+        assert token is not None
         name = body.get("name")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise InvalidRequestError("'name' must be 1-63 letters, digits, '.', '_' or '-'.", param="name")
@@ -109,11 +127,7 @@ class NodeService:
         now = self.clock()
         record_token, problem = await self.store.consume_token(token_hash, node_id=node_id, at=now)
         if record_token is None:
-            message = {
-                "used": "This enrollment token was already used; ask an admin for a new one.",
-                "expired": "This enrollment token has expired; ask an admin for a new one.",
-            }.get(problem or "", "Unknown enrollment token.")
-            raise AuthenticationError(message, code=f"enrollment_token_{problem}")
+            raise _token_error(problem or "unknown")
         defaults = record_token.defaults
         credential = new_secret(CREDENTIAL_PREFIX)
         cred_hash = secret_hash(pepper, credential)

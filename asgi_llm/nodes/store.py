@@ -205,6 +205,18 @@ class SQLNodeStore:
             return None, "used" if row.used_at is not None else "expired"
         return _token(row), None
 
+    async def token_problem(self, token_hash: str, *, at: float) -> TokenProblem | None:
+        """Why the token cannot enroll a node now (``"unknown" | "used" | "expired"``), or
+        ``None`` when it can; the token is not consumed."""
+        tokens, _ = _tables()
+        row = await self.db.run(
+            lambda c: c.execute(tokens.select().where(tokens.c.token_hash == token_hash)).first(), "enrollment token read")
+        if row is None:
+            return "unknown"
+        if row.used_at is not None:
+            return "used"
+        return "expired" if row.expires_at <= at else None
+
     async def token_org(self, token_hash: str) -> str | None:
         """The org of a token (used or not), without consuming it."""
         tokens, _ = _tables()

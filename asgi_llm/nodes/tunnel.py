@@ -37,10 +37,18 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from starlette.types import Receive, Scope, Send
 
 from asgi_llm.errors import UpstreamConnectionError
+from asgi_llm.providers.transport import collect_at_most
 
 __all__ = ["TunnelConnection", "TunnelTransport", "decode_body", "encode_body"]
 
 _MAX_BUFFERED_FRAMES = 4096
+MAX_FRAME_CHARS = 4 * 1024 * 1024
+"""Largest tunnel message the gateway accepts. Agents send the engine's body as it
+arrives off the socket (kilobytes per chunk), so a bigger frame is an abuse: the request
+it belongs to fails (the rest of the tunnel keeps working)."""
+_MAX_QUEUED_CHARS = 32 * 1024 * 1024
+"""Body bytes (base64 characters) queued for one request that its consumer has not
+taken yet; past it the request fails instead of the gateway buffering without end."""
 
 
 def encode_body(data: bytes | None) -> str | None:
@@ -49,6 +57,11 @@ def encode_body(data: bytes | None) -> str | None:
 
 def decode_body(text: str | None) -> bytes:
     return b"" if not text else base64.b64decode(text)
+
+
+def _data_chars(frame: dict[str, Any]) -> int:
+    data = frame.get("data")
+    return len(data) if isinstance(data, str) else 0
 
 
 class _CaseInsensitive(dict[str, str]):
@@ -79,6 +92,11 @@ class _TunnelResponse:
         parts = [chunk async for chunk in self.iter_chunks()]
         return b"".join(parts)
 
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body, or ``None`` once it passes ``limit`` bytes: frames stop being
+        accumulated at once, and :meth:`aclose` cancels the request at the agent."""
+        return await collect_at_most(self.iter_chunks(), limit)
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         while not self._done:
             try:
@@ -87,6 +105,7 @@ class _TunnelResponse:
                 raise UpstreamConnectionError(f"The tunnel to {self._url} closed mid-response.") from None
             kind = frame.get("type")
             if kind == "chunk":
+                self._conn.taken(self._id, frame)
                 data = decode_body(frame.get("data"))
                 if data:
                     yield data
@@ -116,6 +135,8 @@ class TunnelConnection:
         self._on_close = on_close
         self._lock = anyio.Lock()
         self._streams: dict[int, ObjectSendStream[dict[str, Any]]] = {}
+        self._queued: dict[int, int] = {}
+        self._dropped: set[int] = set()
         self._next = 0
         self.name = name
         self.closed = False
@@ -162,9 +183,13 @@ class TunnelConnection:
     async def finish(self, rid: int, *, cancel: bool) -> None:
         """Forget request ``rid``; tell the agent to stop it when it is not complete."""
         tx = self._streams.pop(rid, None)
-        if tx is None:
+        self._queued.pop(rid, None)
+        dropped = rid in self._dropped
+        self._dropped.discard(rid)
+        if tx is None and not dropped:
             return
-        tx.close()
+        if tx is not None:
+            tx.close()
         if cancel and not self.closed:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:
@@ -172,20 +197,41 @@ class TunnelConnection:
                 except Exception:  # noqa: BLE001 - the socket is gone; nothing left to cancel
                     pass
 
-    def feed(self, frame: dict[str, Any]) -> None:
-        """Route one frame from the agent (called by the WebSocket reader)."""
+    def feed(self, frame: dict[str, Any], size: int = 0) -> None:
+        """Route one frame from the agent (called by the WebSocket reader); ``size`` is
+        the frame's length as received, bounded by :data:`MAX_FRAME_CHARS`."""
         rid = frame.get("id")
         tx = self._streams.get(rid) if isinstance(rid, int) else None
         if tx is None:
             return  # a request we already gave up on
+        queued = self._queued.get(rid, 0) + _data_chars(frame)
+        if size > MAX_FRAME_CHARS or queued > _MAX_QUEUED_CHARS:
+            self._drop(rid, tx)  # an oversized frame, or a consumer hopelessly behind
+            return
         try:
             tx.send_nowait(frame)
         except anyio.WouldBlock:
             # The consumer fell hopelessly behind: fail this request, not the whole tunnel.
-            self._streams.pop(rid, None)
-            tx.close()
+            self._drop(rid, tx)
+            return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._streams.pop(rid, None)
+            self._queued.pop(rid, None)
+            return
+        self._queued[rid] = queued
+
+    def taken(self, rid: int, frame: dict[str, Any]) -> None:
+        """The consumer of ``rid`` took ``frame`` off its queue."""
+        if rid in self._queued:
+            self._queued[rid] = max(0, self._queued[rid] - _data_chars(frame))
+
+    def _drop(self, rid: int, tx: ObjectSendStream[dict[str, Any]]) -> None:
+        """Fail request ``rid`` (its consumer sees the tunnel close mid-response, and its
+        ``aclose`` tells the agent to stop); later frames for it are ignored."""
+        self._streams.pop(rid, None)
+        self._queued.pop(rid, None)
+        self._dropped.add(rid)  # so that finish() still cancels it at the agent
+        tx.close()
 
     def close(self) -> None:
         """The WebSocket is gone or replaced: every open request ends with a connection
@@ -194,6 +240,8 @@ class TunnelConnection:
         for tx in self._streams.values():
             tx.close()
         self._streams.clear()
+        self._queued.clear()
+        self._dropped.clear()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
@@ -268,7 +316,7 @@ async def serve_tunnel(scope: Scope, receive: Receive, send: Send, *,
                     except ValueError:
                         continue
                     if isinstance(frame, dict):
-                        conn.feed(frame)
+                        conn.feed(frame, len(text))
                 tg.cancel_scope.cancel()
 
             tg.start_soon(read)

@@ -14,11 +14,17 @@ Per public model (``model``) and per target (``target`` = route):
   ``asgi_llm_writer_failures_total{writer}`` (the ledger/audit batch writers),
   ``asgi_llm_quarantined_rows_total{writer}`` (rows the database refused, set aside:
   see ``GET /admin/quarantine``)
+
+Label values come from the gateway's own vocabulary, never from a client: a ``model`` the
+recipe does not define is counted as ``"unknown"`` (a 404 with a 10 kB made-up name must
+not add a series), every label value is cut to :data:`MAX_LABEL_CHARS`, and each metric
+keeps at most :data:`MAX_SERIES_KEYS` (model, target) pairs — later ones count under
+``"other"`` — so ``/metrics`` stays small whatever the traffic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,13 +34,22 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_LABEL_CHARS = 128
+MAX_SERIES_KEYS = 2000
+UNKNOWN = "unknown"
+OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class GatewayMetrics:
-    """The gateway's metrics (needs ``prometheus-client``)."""
+    """The gateway's metrics (needs ``prometheus-client``).
 
-    def __init__(self) -> None:
+    Args:
+        models: the recipe's public model names; any other ``model`` is labelled
+            ``"unknown"`` (``None``: names are only bounded in length and number).
+    """
+
+    def __init__(self, models: Iterable[str] | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -63,6 +78,7 @@ class GatewayMetrics:
         self._in_flight: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str], _RequestChildren] = {}
         self._route_children: dict[tuple[str, str], _RouteChildren] = {}
+        self._models = None if models is None else frozenset(models)
         r.register(_WriterCollector(self._writers))
 
     def watch_writer(self, writer: BatchWriter[Any]) -> None:
@@ -77,11 +93,19 @@ class GatewayMetrics:
         return child
 
     def record_request(self, endpoint: str, model: str, status: int, elapsed_s: float, error: str | None) -> None:
-        """Count one finished request: its status, its duration and its error (if any)."""
+        """Count one finished request: its status, its duration and its error (if any).
+        ``model`` is the client's word: labelled only if the recipe defines it."""
         c = self._request_children.get((endpoint, model))
+        if c is None:
+            endpoint, model = _bounded(endpoint), self.model_label(model)
+            if len(self._request_children) >= MAX_SERIES_KEYS:
+                model = OTHER
+            c = self._request_children.get((endpoint, model))
         if c is None:
             c = self._request_children[(endpoint, model)] = _RequestChildren(
                 self.duration.labels(endpoint, model))
+        if len(c.by_status) >= 100 and status not in c.by_status:
+            status = 0  # statuses are the gateway's own; bounded all the same
         requests = c.by_status.get(status)
         if requests is None:
             requests = c.by_status[status] = self.requests.labels(endpoint, model, str(status))
@@ -90,21 +114,31 @@ class GatewayMetrics:
         if error is not None:
             errors = c.by_error.get(error)
             if errors is None:
+                error = _bounded(error) if len(c.by_error) < 100 else OTHER
+                errors = c.by_error.get(error)
+            if errors is None:
                 errors = c.by_error[error] = self.errors.labels(endpoint, model, error)
             errors.inc()
 
     def record_row(self, row: LedgerRow) -> None:
         """Count one ledger row (one attempt or cache hit)."""
         if row.outcome == "cache_hit":
-            self.cache_hits.labels(row.model).inc()
-            self.cache_saved.labels(row.model).inc(float(row.saved_usd))
+            model = self.model_label(row.model)
+            self.cache_hits.labels(model).inc()
+            self.cache_saved.labels(model).inc(float(row.saved_usd))
             return
         c = self._route_children.get((row.model, row.route))
         if c is None:
-            c = self._route_children[(row.model, row.route)] = self._new_route_children(row.model, row.route)
+            key = (self.model_label(row.model), _bounded(row.route))
+            if len(self._route_children) >= MAX_SERIES_KEYS:
+                key = (OTHER, OTHER)
+            c = self._route_children.get(key)
+            if c is None:
+                c = self._route_children[key] = self._new_route_children(*key)
         outcome = c.by_outcome.get(row.outcome)
         if outcome is None:
-            outcome = c.by_outcome[row.outcome] = self.attempts.labels(row.model, row.route, row.outcome)
+            outcome = c.by_outcome[row.outcome] = self.attempts.labels(
+                c.model, c.route, _bounded(row.outcome) if len(c.by_outcome) < 32 else OTHER)
         outcome.inc()
         if row.prompt_tokens:
             c.prompt.inc(row.prompt_tokens)
@@ -120,8 +154,16 @@ class GatewayMetrics:
         if row.ttft_ms is not None:
             c.ttft.observe(row.ttft_ms / 1000)
 
+    def model_label(self, model: str) -> str:
+        """``model`` as a label value: a recipe model, ``""`` (none given) or ``"unknown"``."""
+        if not model:
+            return ""
+        if self._models is not None:
+            return model if model in self._models else UNKNOWN
+        return _bounded(model)
+
     def _new_route_children(self, model: str, route: str) -> _RouteChildren:
-        return _RouteChildren(
+        return _RouteChildren(model, route,
             *(self.tokens.labels(model, route, kind) for kind in ("prompt", "completion", "cached", "reasoning")),
             cost=self.cost.labels(model, route), duration=self.attempt_duration.labels(model, route),
             ttft=self.ttft.labels(model, route),
@@ -132,6 +174,10 @@ class GatewayMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+def _bounded(value: str) -> str:
+    return value if len(value) <= MAX_LABEL_CHARS else value[:MAX_LABEL_CHARS - 1] + "…"
 
 
 class _RequestChildren:
@@ -148,10 +194,12 @@ class _RequestChildren:
 class _RouteChildren:
     """One (public model, target)'s attempt metrics."""
 
-    __slots__ = ("by_outcome", "cached", "completion", "cost", "duration", "prompt", "reasoning", "ttft")
+    __slots__ = ("by_outcome", "cached", "completion", "cost", "duration", "model", "prompt", "reasoning", "route",
+                 "ttft")
 
-    def __init__(self, prompt: Any, completion: Any, cached: Any, reasoning: Any, *, cost: Any, duration: Any,
-                 ttft: Any) -> None:
+    def __init__(self, model: str, route: str, prompt: Any, completion: Any, cached: Any, reasoning: Any, *,
+                 cost: Any, duration: Any, ttft: Any) -> None:
+        self.model, self.route = model, route
         self.prompt, self.completion, self.cached, self.reasoning = prompt, completion, cached, reasoning
         self.cost, self.duration, self.ttft = cost, duration, ttft
         self.by_outcome: dict[str, Any] = {}

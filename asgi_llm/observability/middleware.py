@@ -121,7 +121,7 @@ def shared_observability(parts: Any) -> tuple[GatewayMetrics | None, GatewayTrac
     """The gateway's metrics and tracer (per ``observability`` in the recipe), made once."""
     if "observability" not in parts.extras:
         cfg = parts.config.observability
-        metrics = GatewayMetrics() if cfg.metrics else None
+        metrics = GatewayMetrics(models=parts.config.models) if cfg.metrics else None
         tracer = GatewayTracer() if cfg.otel else None
         parts.extras["observability"] = (metrics, tracer)
         if metrics is not None:

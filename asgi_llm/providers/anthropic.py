@@ -44,6 +44,7 @@ from asgi_llm.providers.base import (
     _error_from_body,
     _parse_json_object,
     describe_request,
+    name_target,
     raise_for_upstream_status,
 )
 from asgi_llm.providers.http import HTTPAdapter
@@ -301,6 +302,8 @@ class AnthropicAdapter(HTTPAdapter):
                 response = await self.transport.send("POST", self.base_url + "/messages", headers=headers, body=body)
         except TimeoutError:
             raise UpstreamTimeoutError(f"{route} did not answer within {limit:g} s.", target=route) from None
+        except UpstreamError as exc:
+            raise name_target(exc, route) from exc.__cause__
         if not 200 <= response.status < 300:
             await raise_for_upstream_status(response, route, sent=describe_request(
                 "POST", self.base_url + "/messages", ctx.payload, model=target.model, stream=ctx.stream,

@@ -41,6 +41,7 @@ __all__ = [
     "UpstreamReply",
     "chunk_has_content",
     "describe_request",
+    "name_target",
     "raise_for_upstream_status",
     "read_limited",
     "retry_after_seconds",
@@ -250,6 +251,16 @@ async def _drain(iterator: AsyncIterator[bytes]) -> None:
         pass  # the answer is complete; a connection that misbehaves now is simply not reused
 
 
+def name_target(exc: UpstreamError, route: str) -> UpstreamError:
+    """``exc`` (from a transport, which names only the upstream's origin) with the target
+    route named first, once — what a client may know of an upstream it could not reach."""
+    if exc.target is None:
+        exc.target = route
+        exc.message = f"{route}: {exc.message}"
+        exc.args = (exc.message,)
+    return exc
+
+
 async def read_limited(response: UpstreamResponse, limit: int, target: str, *, truncate: bool = False) -> bytes:
     """The whole body of ``response``, at most ``limit`` bytes.
 
@@ -340,7 +351,9 @@ def _retry_headers(headers: Any) -> dict[str, str]:
     out = {}
     for name in ("retry-after", "retry-after-ms"):
         value = headers.get(name)
-        if value:
+        # Relayed to the client as is: only short, printable ASCII (a date or a number);
+        # anything else would not even encode as a header.
+        if isinstance(value, str) and value and len(value) <= 64 and value.isascii() and value.isprintable():
             out[name] = value
     return out
 

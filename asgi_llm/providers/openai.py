@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 
 from asgi_llm._timeout import fail_after
-from asgi_llm.errors import UpstreamTimeoutError
-from asgi_llm.providers.base import UpstreamReply, describe_request, raise_for_upstream_status
+from asgi_llm.errors import UpstreamError, UpstreamTimeoutError
+from asgi_llm.providers.base import UpstreamReply, describe_request, name_target, raise_for_upstream_status
 from asgi_llm.providers.http import HTTPAdapter
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ class OpenAIAdapter(HTTPAdapter):
         except TimeoutError:
             what = "time-to-first-token limit" if ctx.stream else "attempt timeout"
             raise UpstreamTimeoutError(f"{route} did not answer within the {what} of {limit:g} s.", target=route) from None
+        except UpstreamError as exc:
+            raise name_target(exc, route) from exc.__cause__
         if not 200 <= response.status < 300:
             await raise_for_upstream_status(response, route, sent=describe_request(
                 "POST", url, ctx.payload, model=target.model, stream=ctx.stream, request_id_header=self.request_id_header))

@@ -10,7 +10,8 @@ Two implementations of one small Protocol:
 Each provider owns one transport, i.e. one connection pool. Foreign exceptions are
 mapped to ours at the seam (``raise UpstreamConnectionError(...) from exc``), so no
 aiohttp or httpx2 type escapes this module; their messages name the upstream by
-:func:`~asgi_llm._redact.redact_url` only (no credentials, no query string). Timeouts other than connect are applied by
+:func:`~asgi_llm._redact.url_origin` only (``scheme://host:port``: no credentials, no path
+that may hold a secret, no query string; the redacted URL goes to the debug log). Timeouts other than connect are applied by
 callers with ``asgi_llm._timeout.fail_after``, which works the same on every loop and transport.
 """
 
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
-from asgi_llm._redact import redact_url, redact_urls_in
+from asgi_llm._redact import redact_url, redact_urls_in, url_origin
 from asgi_llm.errors import UpstreamConnectionError, UpstreamError, UpstreamProtocolError, UpstreamTimeoutError
+
+logger = logging.getLogger("asgi_llm")
 
 if TYPE_CHECKING:
     import aiohttp
@@ -32,6 +37,7 @@ __all__ = [
     "AiohttpTransport",
     "AutoTransport",
     "HttpxTransport",
+    "collect_at_most",
     "TransportName",
     "UpstreamResponse",
     "UpstreamTransport",
@@ -89,7 +95,7 @@ class UpstreamTransport(Protocol):
         ...
 
 
-async def _collect(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
+async def collect_at_most(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
     """Join ``chunks`` up to ``limit`` bytes; ``None`` (and stop iterating) past it."""
     parts: list[bytes] = []
     total = 0
@@ -109,7 +115,7 @@ async def _collect(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
 def _map_aiohttp_errors(url: str) -> Iterator[None]:
     import aiohttp
 
-    where = redact_url(url)  # never credentials or a query string in a message
+    where = url_origin(url)  # clients learn the origin only: the path may hold a secret, the log has it
     try:
         yield
     except UpstreamError:
@@ -131,9 +137,22 @@ def _map_aiohttp_errors(url: str) -> Iterator[None]:
 
 
 def _why(exc: object, url: str) -> str:
-    """An exception's text with ``url`` (and its bare twin) redacted; its type if empty."""
+    """An exception's text with ``url`` (with or without credentials, redacted or not)
+    replaced by its origin; its type if empty. The full redacted URL goes to the debug log."""
     text = str(exc) or type(exc).__name__
-    return redact_urls_in(text, url)
+    logger.debug("upstream request to %s failed: %s", redact_url(url), redact_urls_in(text, url))
+    origin = url_origin(url)
+    for form in (url, redact_url(url), redact_urls_in(url, url)):
+        text = text.replace(form, origin)
+    try:
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            bare = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+            text = text.replace(bare, origin)
+            text = text.replace(redact_url(bare), origin)
+    except ValueError:
+        pass
+    return text
 
 
 class _AiohttpResponse:
@@ -154,7 +173,7 @@ class _AiohttpResponse:
 
     async def read_at_most(self, limit: int) -> bytes | None:
         """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
-        return await _collect(self.iter_chunks(), limit)
+        return await collect_at_most(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         with _map_aiohttp_errors(self._url):
@@ -217,7 +236,7 @@ class AiohttpTransport:
 def _map_httpx_errors(url: str) -> Iterator[None]:
     import httpx2
 
-    where = redact_url(url)  # never credentials or a query string in a message
+    where = url_origin(url)  # clients learn the origin only: the path may hold a secret, the log has it
     try:
         yield
     except UpstreamError:
@@ -261,7 +280,7 @@ class _HttpxResponse:
 
     async def read_at_most(self, limit: int) -> bytes | None:
         """The whole body, or ``None`` once it passes ``limit`` bytes (the rest unread)."""
-        return await _collect(self.iter_chunks(), limit)
+        return await collect_at_most(self.iter_chunks(), limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         # Iterate the raw stream's own generator and close it explicitly when we stop

@@ -133,7 +133,7 @@ def _texts(payload: Mapping[str, Any]) -> tuple[list[str], int]:
 def estimate_prompt_chars(ctx: RequestContext) -> int:
     """⌈UTF-8 bytes / 4⌉ of the prompt text, + 1 per message."""
     texts, n = _texts(ctx.payload)
-    size = sum(len(t.encode()) for t in texts)
+    size = sum(_utf8_len(t) for t in texts)
     return -(-size // 4) + n
 
 
@@ -198,8 +198,14 @@ def _media_parts(payload: Mapping[str, Any]) -> int:
                for p in m["content"] if isinstance(p, dict) and p.get("type") not in (None, "text"))
 
 
+def _utf8_len(text: str) -> int:
+    """UTF-8 length of ``text``; a lone surrogate (an upstream may send ``"\\ud800"``)
+    counts its 3 bytes instead of raising."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def _str_bytes(v: Any) -> int:
-    return len(v.encode()) if isinstance(v, str) else 0
+    return _utf8_len(v) if isinstance(v, str) else 0
 
 
 def answer_bytes(obj: Mapping[str, Any]) -> int:
@@ -596,7 +602,7 @@ class Accountant:
             return 0
         if self.prompt_estimator is ESTIMATORS["words"]:
             return len(text.split())
-        return -(-len(text.encode()) // 4)
+        return -(-_utf8_len(text) // 4)
 
 
 def shared_accountant(parts: Any) -> Accountant:

@@ -106,6 +106,66 @@ class TestTunnelFraming:
         assert sent[-1] == {"type": "cancel", "id": 2}
 
     @pytest.mark.anyio
+    async def test_oversized_frame_and_backlog_fail_the_request(self) -> None:
+        """A frame over MAX_FRAME_CHARS, or more queued body than the cap, fails that request
+        (connection error), the agent is told to cancel it, and later frames are dropped."""
+        from asgi_llm.nodes.tunnel import MAX_FRAME_CHARS
+
+        sent: list[dict[str, object]] = []
+        conn: TunnelConnection
+
+        async def send_text(text: str) -> None:
+            frame = json.loads(text)
+            sent.append(frame)
+            if frame["type"] == "request":
+                conn.feed({"type": "response", "id": frame["id"], "status": 200, "headers": {}})
+
+        conn = TunnelConnection(send_text, name="box")
+        big = await conn.request("POST", "/v1/x", {}, b"")
+        conn.feed({"type": "chunk", "id": 1, "data": encode_body(b"ok")}, size=40)
+        conn.feed({"type": "chunk", "id": 1, "data": "QUFB"}, size=MAX_FRAME_CHARS + 1)
+        conn.feed({"type": "chunk", "id": 1, "data": encode_body(b"late")}, size=40)
+        with pytest.raises(UpstreamConnectionError):
+            await big.read()
+        await big.aclose()
+        assert sent[-1] == {"type": "cancel", "id": 1}
+        assert conn.in_flight == 0
+        # A consumer that does not keep up: 40 x 1 MiB frames queued, past the 32 MiB cap.
+        slow = await conn.request("POST", "/v1/x", {}, b"")
+        piece = encode_body(b"x" * (768 * 1024))
+        for _ in range(60):
+            conn.feed({"type": "chunk", "id": 2, "data": piece}, size=len(piece) + 40)
+        assert conn.in_flight == 0
+        with pytest.raises(UpstreamConnectionError):
+            await slow.read()
+        await slow.aclose()
+        assert sent[-1] == {"type": "cancel", "id": 2}
+
+    @pytest.mark.anyio
+    async def test_read_at_most_stops_at_the_limit(self) -> None:
+        """read_at_most returns None past the limit and the rest is cancelled, not buffered."""
+        sent: list[dict[str, object]] = []
+        conn: TunnelConnection
+
+        async def send_text(text: str) -> None:
+            frame = json.loads(text)
+            sent.append(frame)
+            if frame["type"] == "request":
+                conn.feed({"type": "response", "id": frame["id"], "status": 200, "headers": {}})
+                for _ in range(10):
+                    conn.feed({"type": "chunk", "id": frame["id"], "data": encode_body(b"x" * 100)})
+
+        conn = TunnelConnection(send_text, name="box")
+        reply = await conn.request("POST", "/v1/x", {}, b"")
+        assert await reply.read_at_most(250) is None
+        await reply.aclose()
+        assert sent[-1] == {"type": "cancel", "id": 1}
+        whole = await conn.request("POST", "/v1/x", {}, b"")
+        conn.feed({"type": "end", "id": 2})
+        assert await whole.read_at_most(1000) == b"x" * 1000
+        await whole.aclose()
+
+    @pytest.mark.anyio
     async def test_dropped_socket_fails_open_requests(self) -> None:
         """A tunnel that closes mid-response raises a connection error (failover-able)."""
         conn: TunnelConnection

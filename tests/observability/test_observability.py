@@ -63,6 +63,27 @@ class TestMetrics:
         assert "asgi_llm_ttft_seconds_count" in text
         assert GatewayMetrics().render() != m.render()  # per-gateway registries
 
+    def test_label_values_are_bounded(self) -> None:
+        """Models outside the recipe are "unknown"; without a vocabulary, values are cut to
+        MAX_LABEL_CHARS and the number of (endpoint, model) series is capped."""
+        from asgi_llm.observability.metrics import MAX_LABEL_CHARS, MAX_SERIES_KEYS
+
+        known = GatewayMetrics(models=["chat"])
+        for i in range(50):
+            known.record_request("chat", f"made-up-{i}", 404, 0.01, "model_not_found")
+        known.record_request("chat", "chat", 200, 0.01, None)
+        text = known.render().decode()
+        assert "made-up" not in text
+        assert 'asgi_llm_requests_total{endpoint="chat",model="unknown",status="404"} 50.0' in text
+        assert 'asgi_llm_requests_total{endpoint="chat",model="chat",status="200"} 1.0' in text
+        bare = GatewayMetrics()
+        for i in range(MAX_SERIES_KEYS + 50):
+            bare.record_request("chat", f"{i}-" + "q" * 5000, 404, 0.01, "x" * 5000)
+        text = bare.render().decode()
+        assert "q" * MAX_LABEL_CHARS not in text and "x" * MAX_LABEL_CHARS not in text
+        assert text.count("asgi_llm_requests_total{") <= MAX_SERIES_KEYS + 1
+        assert 'model="other"' in text
+
     async def test_log_context_bound_and_restored(self) -> None:
         """request_id/model/org are bound during the request; a host's own context survives."""
         m = GatewayMetrics()
