@@ -333,7 +333,8 @@
         $("#node-token").textContent = res.token;
         $("#node-expires").textContent = fmtTime(res.expires_at);
         $("#node-command").textContent = "asgi-llm node join --gateway " + gw + " --token " + res.token + " --engine http://127.0.0.1:8080/v1 --name my-node";
-        $("#node-container").textContent = "docker run --rm --network host python:3.11-slim sh -c \"pip install asgi-llm && asgi-llm node join --gateway " + gw + " --token " + res.token + " --engine http://127.0.0.1:8080/v1 --tunnel\"";
+        // The agent image from the repository's recipes/node/Dockerfile (asgi-llm is not on a package index).
+        $("#node-container").textContent = "docker run -d --network host -v asgi-llm-node:/state -e ASGI_LLM_GATEWAY=" + gw + " -e ASGI_LLM_ENROLLMENT_TOKEN=" + res.token + " -e ASGI_LLM_ENGINE=http://127.0.0.1:8080/v1 asgi-llm-node --name my-node   # image: docker build -f recipes/node/Dockerfile -t asgi-llm-node .";
         $("#node-unit").textContent = "ASGI_LLM_ENROLLMENT_TOKEN=" + res.token + " asgi-llm node install-service --gateway " + gw + " --engine http://127.0.0.1:8080/v1 --tunnel";
         $("#node-enroll").hidden = false;
         showError("");
