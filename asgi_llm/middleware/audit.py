@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import ClientDisconnected
-from asgi_llm.audit.chain import AuditEvent, bounded, quarantine_placeholder
+from asgi_llm.audit.chain import AuditEvent
 from asgi_llm.context import RequestContext
 from asgi_llm.errors import GatewayError
 from asgi_llm.middleware.context import ensure_context
 
-if TYPE_CHECKING:
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["AuditMiddleware", "build_audit_layer", "verdict_for"]
+__all__ = ["AuditMiddleware", "verdict_for"]
 
 log = logging.getLogger("asgi_llm.audit")
 
@@ -133,24 +131,3 @@ class AuditMiddleware:
             route=ctx.target.route if ctx.target is not None else None, attempts=ctx.attempts,
             detail=detail or None,
         )
-
-
-def build_audit_layer(parts: BuildParts) -> LayerFactory | None:
-    """``usage.audit`` → the audit writer (a resource), admin audit routes, the layer."""
-    cfg = parts.config.usage
-    if not cfg.audit:
-        return None
-    from asgi_llm.admin.audit import audit_routes
-    from asgi_llm.audit.store import SQLAuditStore
-    from asgi_llm.middleware.usage import config_writer, shared_sql
-
-    store = SQLAuditStore(shared_sql(parts))
-    writer = config_writer(parts, "audit", sink=store.append_many, encode=AuditEvent.to_json, decode=AuditEvent.from_json,
-                           normalise=bounded, substitute=quarantine_placeholder)
-    parts.extras["audit_store"] = store
-    parts.extras["audit_writer"] = writer
-    metrics = parts.extras.get("metrics")
-    if metrics is not None:
-        metrics.watch_writer(writer)
-    parts.admin_routes.extend(audit_routes(store, writer))
-    return lambda app: AuditMiddleware(app, sink=writer.put)

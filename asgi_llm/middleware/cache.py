@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -49,13 +49,12 @@ from asgi_llm.cache.policy import CachePolicy, Controls, is_deterministic, parse
 from asgi_llm.context import RequestContext, gateway_headers
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.stores import StoreError
-from asgi_llm.stores.cache import CacheStore, FlightLockSupport, cache_store_from_url
+from asgi_llm.stores.cache import CacheStore, FlightLockSupport
 
 if TYPE_CHECKING:
     from asgi_llm.routing.router import Router
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["CacheMiddleware", "build_cache_layer"]
+__all__ = ["CacheMiddleware"]
 
 logger = logging.getLogger("asgi_llm")
 
@@ -264,19 +263,3 @@ class _Responder:
             await self.mw.store.set(self.key, entry.encode(), ttl_s=self.ttl)
         except StoreError as exc:
             logger.warning("cache store unavailable, answer not stored: %s", exc)
-
-
-def build_cache_layer(parts: BuildParts) -> LayerFactory | None:
-    """The recipe's ``cache:`` section → the cache layer, its store and its admin route."""
-    from asgi_llm.admin.cache import cache_admin_routes
-
-    cfg = parts.config.cache
-    policy = CachePolicy.from_config(cfg)
-    if not policy.may_cache_anything:
-        return None
-    store = cache_store_from_url(parts.config.stores.cache, max_entries=cfg.max_entries, max_bytes=cfg.max_bytes)
-    parts.resources.append(store)
-    parts.extras["cache_store"] = store
-    parts.admin_routes.extend(cache_admin_routes(store))
-    router = parts.router
-    return lambda app: CacheMiddleware(app, store=store, policy=policy, router=router)

@@ -47,7 +47,7 @@ import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm._ids import new_id
-from asgi_llm.config import KeyLimits
+from asgi_llm.auth.limits import KeyLimits
 from asgi_llm.errors import RateLimitError
 from asgi_llm.middleware.context import ensure_context
 from asgi_llm.stores import StoreError
@@ -56,11 +56,10 @@ from asgi_llm.usage.accounting import Accountant, clamp_charge, estimate_request
 from asgi_llm.usage.records import PICO
 
 if TYPE_CHECKING:
-    from asgi_llm.context import Principal, RequestContext
+    from asgi_llm.context import Principal
     from asgi_llm.routing.router import Router
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["QuotaMiddleware", "build_quota_layer", "format_reset"]
+__all__ = ["QuotaMiddleware", "format_reset"]
 
 logger = logging.getLogger("asgi_llm.quota")
 
@@ -312,36 +311,3 @@ def _refusal(admission: Admission) -> RateLimitError:
                    f"used {_usd(status.used)}, this request may cost up to {_usd(lim.cost)}. {retry}")
     return RateLimitError(message, code=code, headers={"retry-after": str(wait),
                                                        "retry-after-ms": str(max(1, math.ceil(admission.retry_after_s * 1000)))})
-
-
-def build_quota_layer(parts: BuildParts) -> LayerFactory | None:
-    """The recipe's limits → a quota layer on ``stores.state``.
-
-    On when auth is configured (keys may carry limits, stored ones included) or
-    ``limits.org`` sets any limit. The state store is shared through
-    ``parts.extras["state"]`` (routing reuses it).
-    """
-    from asgi_llm.stores.state import state_store_from_url
-    from asgi_llm.usage.accounting import shared_accountant
-
-    config = parts.config
-    org = config.limits.org
-    org_limits = org if any(v is not None for v in org.model_dump().values()) else None
-    if not (config.auth.admin_keys or config.auth.keys or org_limits is not None):
-        return None
-    store = parts.extras.get("state")
-    if store is None:
-        store = parts.extras["state"] = state_store_from_url(config.stores.state)
-        parts.resources.append(store)
-        if config.stores.state_failure == "closed":  # failing open, a store outage does not make us unready
-            parts.readiness.append(store.ping)
-    return lambda app: QuotaMiddleware(
-        app,
-        store=store,
-        router=parts.router,
-        org_limits=org_limits,
-        failure=config.stores.state_failure,
-        default_max_tokens=config.limits.default_max_tokens,
-        lease_s=config.server.request_timeout_s + 60,
-        accountant=shared_accountant(parts),
-    )

@@ -112,30 +112,3 @@ class ObservabilityMiddleware:
                                prompt_tokens=ctx.usage.prompt_tokens if ctx.usage else None,
                                completion_tokens=ctx.usage.completion_tokens if ctx.usage else None)
             self._binding.unbind(tokens)
-
-
-# ---------------------------------------------------------------------- builder
-
-
-def shared_observability(parts: Any) -> tuple[GatewayMetrics | None, GatewayTracer | None]:
-    """The gateway's metrics and tracer (per ``observability`` in the recipe), made once."""
-    if "observability" not in parts.extras:
-        cfg = parts.config.observability
-        metrics = GatewayMetrics() if cfg.metrics else None
-        tracer = GatewayTracer() if cfg.otel else None
-        parts.extras["observability"] = (metrics, tracer)
-        if metrics is not None:
-            parts.extras["metrics"] = metrics
-    return parts.extras["observability"]  # type: ignore[no-any-return]
-
-
-def build_observability_layer(parts: Any) -> Any:
-    """Log binding, request spans and ``/metrics`` (see ``observability`` in the recipe)."""
-    cfg = parts.config.observability
-    if cfg.log_json:
-        from asgi_llm.observability.logs import configure_logging
-
-        configure_logging(json=True)
-    metrics, tracer = shared_observability(parts)
-    logs.prepare()
-    return lambda app: ObservabilityMiddleware(app, metrics=metrics, tracer=tracer, log_requests=cfg.log_json)

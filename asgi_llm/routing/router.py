@@ -34,7 +34,7 @@ from asgi_llm.errors import InvalidRequestError, ModelNotFoundError, RateLimitEr
 from asgi_llm.usage.accounting import Accountant, estimate_request
 
 if TYPE_CHECKING:
-    from asgi_llm.config import RoutingRule
+    from asgi_llm.routing.rules import RoutingRule
     from asgi_llm.context import RequestContext
     from asgi_llm.routing.health import HealthTracker
 

@@ -82,7 +82,6 @@ __all__ = [
     "estimate_prompt_words",
     "estimate_request",
     "plausible_usage",
-    "shared_accountant",
     "total_pico",
 ]
 
@@ -597,23 +596,6 @@ class Accountant:
         if self.prompt_estimator is ESTIMATORS["words"]:
             return len(text.split())
         return -(-len(text.encode()) // 4)
-
-
-def shared_accountant(parts: Any) -> Accountant:
-    """The gateway's :class:`Accountant` (``usage.prices`` overrides, the prompt
-    estimator, ``limits.default_max_tokens``), created once and given to the router."""
-    acct = parts.extras.get("accountant")
-    if acct is None:
-        from asgi_llm.routing.router import Price
-
-        cfg = parts.config
-        pricer = Pricer({k: Price(v.input, v.output, v.cached_input) for k, v in cfg.usage.prices.items()})
-        acct = parts.extras["accountant"] = Accountant(
-            pricer, router=parts.router, prompt_estimator=ESTIMATORS[cfg.usage.prompt_estimate],
-            default_max_tokens=cfg.limits.default_max_tokens,
-        )
-        parts.router.accountant = acct
-    return acct  # type: ignore[no-any-return]
 
 
 def clamp_charge(pico: int) -> int:

@@ -491,13 +491,13 @@ class TestComposition:
             await call(app, body=CHAT)
 
     async def test_build_gateway_wires_the_layer(self, anyio_backend: str) -> None:
-        """A recipe with the cache on gets the layer, its store in extras and the purge route; off gets none."""
+        """A recipe with the cache on gets the layer, its store in services and the purge route; off gets none."""
         from asgi_llm.config import config_from_dict
         from asgi_llm.stack import build_gateway
 
         base = {"providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}}, "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}}}
         on = build_gateway(config_from_dict({**base, "cache": {"enabled": False, "models": {"chat": {"enabled": True}}}}, environ={}))
-        assert isinstance(on.extras["cache_store"], MemoryCacheStore)
+        assert isinstance(on.services.cache_store, MemoryCacheStore)
         off = build_gateway(config_from_dict(base, environ={}))
-        assert "cache_store" not in off.extras
+        assert off.services.cache_store is None
         assert not isinstance(MemoryCacheStore(), FlightLockSupport)
