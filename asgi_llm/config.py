@@ -18,7 +18,7 @@ from asgi_llm.recipe.schema import (
     ModelConfig,
     NodesConfig,
     ObservabilityConfig,
-    Price,
+    PriceConfig,
     ProviderConfig,
     RoutingConfig,
     RoutingRule,
@@ -28,6 +28,8 @@ from asgi_llm.recipe.schema import (
     TargetConfig,
     UsageConfig,
 )
+
+Price = PriceConfig  # the recipe's price entry; asgi_llm.targets.Price is the router's
 
 __all__ = [
     "AuthConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "NodesConfig",
     "ObservabilityConfig",
     "Price",
+    "PriceConfig",
     "ProviderConfig",
     "RoutingConfig",
     "RoutingRule",

@@ -18,7 +18,7 @@ from starlette.types import Scope
 from asgi_llm._ids import new_id
 
 if TYPE_CHECKING:
-    from asgi_llm.routing.router import Target
+    from asgi_llm.targets import Target
 
 __all__ = [
     "ANONYMOUS",

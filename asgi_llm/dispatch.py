@@ -29,7 +29,7 @@ from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected
 from asgi_llm._sse import DONE, encode_json
 from asgi_llm.context import Attempt, RequestContext, Usage, gateway_headers
 from asgi_llm.errors import GatewayError, ServiceUnavailableError, UpstreamError, UpstreamStatusError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.providers.base import ProviderAdapter, UpstreamReply, retry_after_seconds
 from asgi_llm.routing.health import HealthTracker
 from asgi_llm.routing.router import Router

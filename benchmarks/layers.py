@@ -87,7 +87,7 @@ class BenchAdapter:
         self.name = name
         self.timeouts = Timeouts()
         try:  # builds whose adapters carry an upstream key pool
-            from asgi_llm.providers.keys import KeyPool
+            from asgi_llm.providers.key_pool import KeyPool
 
             self.keys = KeyPool(name, [])
         except ImportError:  # pragma: no cover - older builds

@@ -25,7 +25,7 @@ from asgi_llm._asgi import ClientDisconnected
 from asgi_llm.audit.chain import AuditEvent
 from asgi_llm.context import RequestContext
 from asgi_llm.errors import GatewayError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 
 
 __all__ = ["AuditMiddleware", "verdict_for"]

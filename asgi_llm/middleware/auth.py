@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from asgi_llm._asgi import get_header
 from asgi_llm.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
-from asgi_llm.middleware.context import ensure_body, ensure_context
+from asgi_llm.auth.presented import presented_key
+from asgi_llm.request import ensure_body, ensure_context
 
 if TYPE_CHECKING:
     from asgi_llm.auth.keyring import KeyRing
@@ -50,28 +50,6 @@ def model_not_found(model: str) -> ModelNotFoundError:
         "GET /v1/models lists the models you can use.",
         param="model",
     )
-
-
-def presented_key(scope: Scope) -> str | None:
-    """The key a request presents (``None`` if none); raises for a malformed header."""
-    auth = get_header(scope, b"authorization")
-    if auth is not None:
-        try:
-            text = auth.decode("ascii").strip()
-        except UnicodeDecodeError:
-            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.") from None
-        scheme, _, token = text.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.")
-        return token
-    api_key = get_header(scope, b"x-api-key")
-    if api_key is not None:
-        try:
-            return api_key.decode("ascii").strip() or None
-        except UnicodeDecodeError:
-            raise AuthenticationError("Malformed x-api-key header.") from None
-    return None
 
 
 class AuthMiddleware:

@@ -7,7 +7,7 @@ For ``chat``, ``completions`` and ``embeddings`` requests:
 
 1. Read the client's controls and the policy; a request that is not cacheable (policy
    off, not deterministic, ``no-cache`` + ``no-store``) passes through as ``BYPASS``.
-2. Key it (:func:`~asgi_llm.cache.keys.make_key`): the canonical request minus fields
+2. Key it (:func:`~asgi_llm.cache.cache_key.make_key`): the canonical request minus fields
    that never change the answer, partitioned by org (or org + key) and by the public
    model's target set.
 3. **Hit**: answer from the entry without calling anything inside -- JSON, or replayed
@@ -44,10 +44,10 @@ from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected, send_b
 from asgi_llm._sse import DONE
 from asgi_llm.cache.capture import ResponseCapture
 from asgi_llm.cache.entry import Entry, is_complete, replay_events
-from asgi_llm.cache.keys import CacheKey, make_key
+from asgi_llm.cache.cache_key import CacheKey, make_key
 from asgi_llm.cache.policy import CachePolicy, Controls, is_deterministic, parse_controls
 from asgi_llm.context import RequestContext, gateway_headers
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.cache import CacheStore, FlightLockSupport
 

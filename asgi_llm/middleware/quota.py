@@ -49,7 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from asgi_llm._ids import new_id
 from asgi_llm.auth.limits import KeyLimits
 from asgi_llm.errors import RateLimitError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.state import Admission, Limit, LimitStatus, Reservation, StateStore
 from asgi_llm.usage.accounting import Accountant, clamp_charge, estimate_request, total_pico

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm.context import RequestContext, Usage
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.usage.accounting import Accountant, Charge, PromptEstimator, Pricer, Seen, count_content_pieces, estimate_prompt_chars
 from asgi_llm.usage.records import LedgerRow
@@ -36,7 +36,8 @@ from asgi_llm.usage.records import LedgerRow
 if TYPE_CHECKING:
     from asgi_llm.observability.metrics import GatewayMetrics
     from asgi_llm.observability.tracing import GatewayTracer
-    from asgi_llm.routing.router import Router, Target
+    from asgi_llm.routing.router import Router
+    from asgi_llm.targets import Target
 
 __all__ = ["UsageMiddleware", "prompt_hash"]
 

@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from asgi_llm.context import gateway_headers
 from asgi_llm.schemas import parse_json_object
-from asgi_llm.middleware.auth import presented_key
+from asgi_llm.auth.presented import presented_key
 
 if TYPE_CHECKING:
     from asgi_llm.nodes.service import NodeService

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import ClientDisconnected
 from asgi_llm.errors import GatewayError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.observability import logs
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.observability.metrics import CONTENT_TYPE, GatewayMetrics

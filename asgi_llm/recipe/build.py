@@ -29,7 +29,8 @@ from asgi_llm.recipe.parts import BuildParts
 from asgi_llm.recipe.schema import GatewayConfig
 from asgi_llm.routing.health import BreakerPolicy, HealthTracker
 from asgi_llm.routing.probes import HealthProber
-from asgi_llm.routing.router import ModelRoute, Price, Router, Target
+from asgi_llm.routing.router import ModelRoute, Router
+from asgi_llm.targets import Price, Target
 from asgi_llm.stack import LAYERS, Gateway, LayerFactory, compose
 
 __all__ = ["BuildParts", "build_gateway", "build_providers", "build_router"]

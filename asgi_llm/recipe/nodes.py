@@ -5,7 +5,7 @@ from __future__ import annotations
 from asgi_llm.providers.base import Timeouts
 from asgi_llm.recipe.parts import BuildParts
 from asgi_llm.recipe.schema import ConfigError
-from asgi_llm.routing.router import NodeTargets
+from asgi_llm.targets import NodeTargets
 
 __all__ = ["build_nodes"]
 

@@ -92,7 +92,7 @@ class BuildParts:
         overrides, the prompt estimator, ``limits.default_max_tokens``), created once and
         given to the router."""
         if self.services.accountant is None:
-            from asgi_llm.routing.router import Price
+            from asgi_llm.targets import Price
             from asgi_llm.usage.accounting import ESTIMATORS, Accountant, Pricer
 
             cfg = self.config

@@ -67,7 +67,7 @@ __all__ = [
     "ModelConfig",
     "NodesConfig",
     "ObservabilityConfig",
-    "Price",
+    "PriceConfig",
     "ProviderConfig",
     "RoutingConfig",
     "RoutingRule",
@@ -211,7 +211,7 @@ class ProviderConfig(BaseModel):
         return value.rstrip("/")
 
 
-class Price(BaseModel):
+class PriceConfig(BaseModel):
     """Prices in USD per 1M tokens."""
 
     model_config = _MODEL_CONFIG
@@ -229,7 +229,7 @@ class TargetConfig(BaseModel):
     provider: str | None = Field(None, min_length=1, description="name of a key under `providers`")
     nodes: str | None = Field(None, min_length=1, description='"any" or a node selector (BYOI nodes)')
     model: str = Field(min_length=1, description="the upstream model name")
-    price: Price | None = Field(None, description="for cost accounting and the `cheapest` strategy")
+    price: PriceConfig | None = Field(None, description="for cost accounting and the `cheapest` strategy")
     weight: float = Field(1.0, gt=0, description="relative share for the `weighted` strategy")
     context_window: int | None = Field(None, gt=0, description="max tokens (prompt + completion)")
     prefill: bool = Field(True, description="accepts a trailing assistant message (prefill); false = never sent one")
@@ -419,7 +419,7 @@ class UsageConfig(BaseModel):
     prompt_content_orgs: list[str] = Field(
         default_factory=list, description="orgs that opted in to storing prompt text with the prompt hash"
     )
-    prices: dict[str, Price] = Field(
+    prices: dict[str, PriceConfig] = Field(
         default_factory=dict, description="price overrides by route (provider/model or node/model) or model name"
     )
 

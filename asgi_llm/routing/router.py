@@ -31,6 +31,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from asgi_llm.errors import InvalidRequestError, ModelNotFoundError, RateLimitError, ServiceUnavailableError
+from asgi_llm.targets import NodeTargets, Price, Target
 from asgi_llm.usage.accounting import Accountant, estimate_request
 
 if TYPE_CHECKING:
@@ -39,46 +40,6 @@ if TYPE_CHECKING:
     from asgi_llm.routing.health import HealthTracker
 
 __all__ = ["STRATEGIES", "ModelRoute", "NodeResolver", "NodeTargets", "Plan", "Price", "Router", "Target"]
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """USD per one million tokens."""
-
-    input: Decimal
-    output: Decimal
-    cached_input: Decimal | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One place a public model can be served: a provider and its model name there."""
-
-    provider: str
-    model: str
-    price: Price | None = None
-    weight: float = 1.0
-    context_window: int | None = None
-    prefill: bool = True
-    kind: str = "provider"  # "provider" | "node"
-    route: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "route", f"{self.provider}/{self.model}")
-
-
-@dataclass(frozen=True, slots=True)
-class NodeTargets:
-    """A recipe target ``{nodes: <selector>, model: ...}``: whichever enrolled nodes match
-    at request time. The router's :data:`NodeResolver` expands it into node
-    :class:`Target` s (``kind="node"``) for the caller's org."""
-
-    selector: str
-    model: str
-    price: Price | None = None
-    weight: float = 1.0
-    context_window: int | None = None
-    prefill: bool = True
 
 
 NodeResolver = Callable[["NodeTargets", "RequestContext"], list[Target]]

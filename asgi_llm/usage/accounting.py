@@ -50,14 +50,20 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asgi_llm.context import Usage
+from asgi_llm.targets import Price, Target
 from asgi_llm.usage.records import PICO, to_pico
 
 if TYPE_CHECKING:
     from asgi_llm.context import Attempt, RequestContext
-    from asgi_llm.routing.router import Price, Router, Target
+
+
+class ModelTable(Protocol):
+    """What the accountant needs of the router: a public model's recipe targets."""
+
+    def get(self, name: str) -> Any: ...
 
 __all__ = [
     "Accountant",
@@ -426,7 +432,7 @@ class Accountant:
         >>> acct.reservation([target], prompt=100, completion=50)  # pico-USD
     """
 
-    def __init__(self, pricer: Pricer | None = None, *, router: Router | None = None,
+    def __init__(self, pricer: Pricer | None = None, *, router: ModelTable | None = None,
                  prompt_estimator: PromptEstimator = estimate_prompt_chars, default_max_tokens: int = 4096) -> None:
         self.pricer = pricer or Pricer()
         self.router = router
