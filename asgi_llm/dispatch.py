@@ -191,7 +191,7 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
     except asyncio.CancelledError:
         # Our own cancel (and nobody else's): the client left mid-stream.
         if disconnected and task.uncancel() <= cancelling:
-            ctx.state["client_disconnected"] = True
+            ctx.client_disconnected = True
             raise ClientDisconnected() from None
         raise
     finally:
@@ -221,7 +221,7 @@ async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt
     # Servers report http.disconnect once a response is complete, too: a disconnect
     # seen after the last message was sent is not an abort.
     if disconnected and not finished:
-        ctx.state["client_disconnected"] = True
+        ctx.client_disconnected = True
         raise ClientDisconnected()
     if failure is not None:
         raise failure

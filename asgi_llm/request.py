@@ -12,12 +12,20 @@ used alone in a host app calls :func:`ensure_context` itself.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from starlette.types import Receive, Scope
 
-from asgi_llm._asgi import BodyReservation, get_header, read_body, replay_receive, route_path
-from asgi_llm.context import SCOPE_KEY, Endpoint, RequestContext, new_request_id
+from asgi_llm._asgi import get_header, read_body, replay_receive, route_path
+from asgi_llm.context import (
+    DEFAULT_BODY_READ_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INFLIGHT_BODY_BYTES,
+    SCOPE_KEY,
+    BodyState,
+    Endpoint,
+    RequestContext,
+    new_request_id,
+)
 from asgi_llm.errors import InvalidRequestError, MethodNotAllowedError
 from asgi_llm.schemas import parse_json, validate_payload
 
@@ -33,9 +41,6 @@ __all__ = [
     "new_context",
 ]
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_INFLIGHT_BODY_BYTES = 256 * 1024 * 1024
-DEFAULT_BODY_READ_TIMEOUT_S = 60.0
 
 # Path → (endpoint, allowed method). Both /v1/... and the bare form are accepted, as
 # clients configured with a base URL without /v1 send the latter.
@@ -52,18 +57,6 @@ _ROUTES["/healthz"] = ("health", "GET")
 _ROUTES["/readyz"] = ("health", "GET")
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-BODY_KEY = "asgi_llm.body"  # ctx.state key of the request's BodyState
-
-
-@dataclass(slots=True)
-class BodyState:
-    """How (and whether yet) this request's body is read. Lives in ``ctx.state``."""
-
-    max_bytes: int = DEFAULT_MAX_BODY_BYTES
-    timeout_s: float | None = DEFAULT_BODY_READ_TIMEOUT_S
-    reservation: BodyReservation = field(default_factory=lambda: BodyReservation(None))
-    held: bool = False  # True until auth has accepted the key
-    loaded: bool = False
 
 
 def classify(path: str) -> tuple[Endpoint, str | None]:
@@ -87,7 +80,7 @@ def new_context(scope: Scope, state: BodyState) -> RequestContext:
     incoming = get_header(scope, b"x-request-id")
     request_id = incoming.decode() if incoming and _REQUEST_ID.fullmatch(incoming) else new_request_id()
     ctx = RequestContext(request_id=request_id, endpoint=endpoint, method=scope["method"], path=path)
-    ctx.state[BODY_KEY] = state
+    ctx.body_state = state
     # Stored before anything can fail, so error responses carry the request id too.
     scope[SCOPE_KEY] = ctx
     if method is not None and scope["method"] != method:
@@ -100,10 +93,10 @@ def new_context(scope: Scope, state: BodyState) -> RequestContext:
 
 
 def body_state(ctx: RequestContext) -> BodyState:
-    state = ctx.state.get(BODY_KEY)
-    if state is None:  # a context made by hand (tests, host code)
-        state = ctx.state[BODY_KEY] = BodyState(loaded=bool(ctx.payload))
-    return state  # type: ignore[no-any-return]
+    """The context's body state (made for a context built by hand: tests, host code)."""
+    if ctx.body_state is None:
+        ctx.body_state = BodyState(loaded=bool(ctx.payload))
+    return ctx.body_state
 
 
 async def ensure_context(

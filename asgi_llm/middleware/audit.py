@@ -9,7 +9,7 @@ including a stream that broke after it started); ``error`` (an unexpected except
 
 Events go to a synchronous sink (the audit ``BatchWriter``), which appends them to the
 hash chain in batches. Admin handlers may describe what they did by setting
-``ctx.state["audit_target"]`` (e.g. the key id created) and ``ctx.state["audit_detail"]``
+``ctx.audit_target`` (e.g. the key id created) and ``ctx.audit_detail``
 (a small JSON object — never a secret).
 """
 
@@ -35,7 +35,7 @@ log = logging.getLogger("asgi_llm.audit")
 
 def verdict_for(ctx: RequestContext, status: int, *, raised: BaseException | None, started: bool) -> str:
     """The audit verdict of a finished request."""
-    if isinstance(raised, ClientDisconnected) or ctx.state.get("client_disconnected"):
+    if isinstance(raised, ClientDisconnected) or ctx.client_disconnected:
         return "aborted"
     if raised is not None and not isinstance(raised, GatewayError):
         return "error"
@@ -119,7 +119,7 @@ class AuditMiddleware:
             detail["cache"] = ctx.cache_status
             if ctx.attempt_log:
                 detail["routes"] = [a.route for a in ctx.attempt_log]
-        extra = ctx.state.get("audit_detail")
+        extra = ctx.audit_detail
         if isinstance(extra, dict):
             detail.update(extra)
         p = ctx.principal
@@ -127,7 +127,7 @@ class AuditMiddleware:
             kind=kind, org=p.org, actor=p.key_id,
             action=ctx.endpoint if kind == "inference" else f"{ctx.method} {ctx.path}",
             verdict=verdict, status=final, request_id=ctx.request_id,
-            target=ctx.state.get("audit_target"), model=ctx.model,
+            target=ctx.audit_target, model=ctx.model,
             route=ctx.target.route if ctx.target is not None else None, attempts=ctx.attempts,
             detail=detail or None,
         )

@@ -12,7 +12,7 @@ For ``chat``, ``completions`` and ``embeddings`` requests:
    model's target set.
 3. **Hit**: answer from the entry without calling anything inside -- JSON, or replayed
    as SSE for a streamed request -- with ``x-asgi-llm-cache: HIT``, the key's hash and
-   ``age``; ``ctx.usage`` and ``ctx.state["cache_hit"]`` tell the usage layer what was
+   ``age``; ``ctx.usage`` and ``ctx.cache_hit`` tell the usage layer what was
    saved.
 4. **Miss**: ``x-asgi-llm-cache: MISS``; the inner app answers and every message passes
    through untouched as it is sent (a stream is never held back). A stream is assembled
@@ -46,7 +46,7 @@ from asgi_llm.cache.capture import ResponseCapture
 from asgi_llm.cache.entry import Entry, is_complete, replay_events
 from asgi_llm.cache.cache_key import CacheKey, make_key
 from asgi_llm.cache.policy import CachePolicy, Controls, is_deterministic, parse_controls
-from asgi_llm.context import RequestContext, gateway_headers
+from asgi_llm.context import CacheHit, RequestContext, gateway_headers
 from asgi_llm.request import ensure_context
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.cache import CacheStore, FlightLockSupport
@@ -97,9 +97,9 @@ class CacheMiddleware:
         if not ctx.is_inference:
             await self.app(scope, receive, send)
             return
-        if ctx.state.get("cache_layer"):
+        if ctx.cache_layer_seen:
             raise RuntimeError("CacheMiddleware ran twice for one request: add it once (build_gateway() does).")
-        ctx.state["cache_layer"] = True
+        ctx.cache_layer_seen = True
         controls = parse_controls(scope["headers"], ctx.payload)
         if "cache" in ctx.payload:
             # The LiteLLM-style control object is for us; never forward it upstream.
@@ -182,7 +182,7 @@ class _Responder:
         usage = entry.usage
         ctx.cache_status = "HIT"
         ctx.usage = usage
-        ctx.state["cache_hit"] = {"usage": usage, "route": entry.route, "key": self.key.digest, "age_s": age}
+        ctx.cache_hit = CacheHit(usage=usage, route=entry.route, key=self.key.digest, age_s=age)
         headers = [*gateway_headers(ctx), (b"age", str(int(age)).encode())]
         if not ctx.stream:
             body = json.dumps(entry.response, separators=(",", ":"), ensure_ascii=False).encode()

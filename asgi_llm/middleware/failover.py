@@ -80,7 +80,6 @@ class FailoverMiddleware:
             return
         plan = self.router.make_plan(ctx, scope["headers"])
         ctx.plan = plan.targets
-        ctx.state["plan"] = plan
         started = False
 
         async def watch_start(message: Message) -> None:

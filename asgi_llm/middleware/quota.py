@@ -17,7 +17,7 @@ targets and those of the fallback models it names (``fallbacks``, ``models[]``),
 selectors resolved to the live nodes at their owners' prices, after the rule and
 ``provider`` filters (:meth:`~asgi_llm.routing.router.Router.reachable`). A target with
 no price is billed 0 by the ledger, so it adds 0 to the worst case; it is flagged
-(``ctx.state["quota"]["unpriced_routes"]``, a warning once per route).
+(``ctx.quota.unpriced_routes``, a warning once per route).
 
 Settlement charges **every attempt** (a failed-over one that consumed the prompt, a
 node's, the one that answered) exactly what its ledger row costs
@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm._ids import new_id
 from asgi_llm.auth.limits import KeyLimits
+from asgi_llm.context import QuotaOutcome
 from asgi_llm.errors import RateLimitError
 from asgi_llm.request import ensure_context
 from asgi_llm.stores import StoreError
@@ -161,7 +162,7 @@ class QuotaMiddleware:
             if self.failure == "open":
                 logger.warning("quota: state store unreachable, admitting without limits (stores.state_failure: open): %s",
                                exc.message)
-                ctx.state["quota"] = "store_unavailable_open"
+                ctx.quota = QuotaOutcome(store_unavailable_open=True)
                 await self.app(scope, receive, send)
                 return
             raise StoreError(
@@ -180,8 +181,8 @@ class QuotaMiddleware:
             charges = self.accountant.charges(ctx)
             tokens = sum(c.usage.prompt_tokens + c.usage.completion_tokens for c in charges)
             spend = clamp_charge(total_pico(charges))
-            ctx.state["quota"] = {"reserved_tokens": prompt_est + completion_cap, "reserved_spend_pico_usd": spend_est,
-                                  "tokens": tokens, "spend_pico_usd": spend, "unpriced_routes": unpriced}
+            ctx.quota = QuotaOutcome(reserved_tokens=prompt_est + completion_cap, reserved_spend_pico_usd=spend_est,
+                                     tokens=tokens, spend_pico_usd=spend, unpriced_routes=unpriced)
             if self._shield_settle:
                 with anyio.move_on_after(self.settle_timeout_s, shield=True):
                     await self._settle(reservation, tokens, spend)

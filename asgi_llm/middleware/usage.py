@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_llm.context import RequestContext, Usage
+from asgi_llm.context import RequestContext
 from asgi_llm.request import ensure_context
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.usage.accounting import Accountant, Charge, PromptEstimator, Pricer, Seen, count_content_pieces, estimate_prompt_chars
@@ -175,13 +175,9 @@ class UsageMiddleware:
         )
 
     def _cache_row(self, ctx: RequestContext, base: dict[str, Any], seen: Seen) -> LedgerRow:
-        hit = ctx.state.get("cache_hit") or {}
-        usage = hit.get("usage")
-        if isinstance(usage, dict):
-            usage = Usage.from_openai(usage)
-        if not isinstance(usage, Usage):
-            usage = ctx.usage
-        route = str(hit.get("route") or "")
+        hit = ctx.cache_hit
+        usage = hit.usage if hit is not None and hit.usage is not None else ctx.usage
+        route = (hit.route if hit is not None else None) or ""
         usage = self.accountant.replayed_usage(ctx, usage, route, seen)
         target = self.accountant.find_target(ctx, route)
         provider, _, upstream_model = route.partition("/")

@@ -58,9 +58,9 @@ def node_routes(service: NodeService) -> list[BaseRoute]:
         service.registry.policy.learn_self(request.scope.get("server"))
         record = await service.authenticate(presented_key(request.scope))
         ctx = request.scope["asgi_llm"]
-        ctx.state["audit_target"] = record.id
+        ctx.audit_target = record.id
         detail: dict[str, Any] = {}
-        ctx.state["audit_detail"] = detail
+        ctx.audit_detail = detail
         return _respond(request, await service.register(record, await _json(request), audit=detail))
 
     async def rotate(request: Request) -> JSONResponse:

@@ -92,8 +92,6 @@ class ObservabilityMiddleware:
             raise
         finally:
             elapsed = time.perf_counter() - t0
-            if error is None and ctx.state.get("stream_error"):
-                error = str(ctx.state["stream_error"])
             if error is None and status >= 400:
                 error = str(status)
             if in_flight is not None:

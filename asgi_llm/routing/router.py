@@ -43,7 +43,6 @@ __all__ = ["STRATEGIES", "ModelRoute", "NodeResolver", "NodeTargets", "Plan", "P
 
 
 NodeResolver = Callable[["NodeTargets", "RequestContext"], list[Target]]
-_NODES_MEMO = "router.nodes"  # ctx.state: node selector id → the nodes it resolved to for this request
 """Expands a :class:`NodeTargets` into the live node targets the caller may use."""
 
 
@@ -193,7 +192,7 @@ class Router:
         for t in targets:
             if isinstance(t, NodeTargets):
                 if self.node_resolver is not None:
-                    memo = ctx.state.setdefault(_NODES_MEMO, {})
+                    memo = ctx.node_choices
                     found = memo.get(id(t))
                     if found is None:
                         found = memo[id(t)] = self.node_resolver(t, ctx)

@@ -415,7 +415,6 @@ class Seen:
         return self.stream_bytes
 
 
-_CHARGES = "accounting.charges"
 
 
 class Accountant:
@@ -543,9 +542,9 @@ class Accountant:
         """One :class:`Charge` per attempt, computed once per request: the ledger (which
         knows what reached the client, ``seen``) computes them first, the quota layer's
         settlement reuses them, so both bill the same amounts."""
-        cached = ctx.state.get(_CHARGES)
+        cached = ctx.charges
         if cached is not None and len(cached) == len(ctx.attempt_log):
-            return cached  # type: ignore[no-any-return]
+            return cached
         out: list[Charge] = []
         log = ctx.attempt_log
         for a in log:
@@ -555,7 +554,7 @@ class Accountant:
             # A cost that is not a finite number (a price that could not be applied) bills
             # nothing here; the ledger keeps the row with cost 0, flagged cost_invalid.
             out.append(Charge(a, target, usage, q.cost, to_pico(q.cost) if q.cost.is_finite() else 0, q.source))
-        ctx.state[_CHARGES] = out
+        ctx.charges = out
         return out
 
     def attempt_usage(self, ctx: RequestContext, a: Attempt, *, is_last: bool, seen: Seen | None) -> Usage:

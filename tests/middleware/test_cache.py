@@ -169,8 +169,8 @@ class TestHitAndMiss:
         assert upstream_calls(upstream_a) == 1
         hit = seen[-1]
         assert hit.cache_status == "HIT" and hit.usage is not None and hit.usage.completion_tokens == len(EXPECTED.split())
-        assert hit.state["cache_hit"]["route"] == "provider-a/gpt-4o-mini"
-        assert hit.state["cache_hit"]["usage"] == hit.usage and not hit.attempt_log
+        assert hit.cache_hit.route == "provider-a/gpt-4o-mini"
+        assert hit.cache_hit.usage == hit.usage and not hit.attempt_log
 
     async def test_stream_miss_then_stream_hit(self, make: Make, upstream_a: FakeUpstreamHandle) -> None:
         """A streamed miss passes chunk by chunk; the replayed hit has the same content, one start, [DONE]."""
