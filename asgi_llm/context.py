@@ -19,6 +19,7 @@ from asgi_llm._asgi import BodyReservation
 from asgi_llm._ids import new_id
 
 if TYPE_CHECKING:
+    from asgi_llm.schemas import InferenceRequest
     from asgi_llm.targets import Target
 
 __all__ = [
@@ -206,6 +207,8 @@ class RequestContext:
     upstream_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    request: InferenceRequest | None = None
+    """The validated body (:func:`asgi_llm.schemas.validate_payload`): typed fields for consumers."""
     body_state: BodyState | None = None
     """How (and whether yet) the body is read (:mod:`asgi_llm.request`)."""
     client_disconnected: bool = False

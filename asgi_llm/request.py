@@ -151,7 +151,7 @@ def _parse_into(ctx: RequestContext, body: bytes) -> None:
             code="invalid_request_body",
         )
     payload = parse_json(body)
-    validate_payload(ctx.endpoint, payload)
+    ctx.request = validate_payload(ctx.endpoint, payload)
     ctx.body = body
     ctx.payload = payload
     ctx.model = payload["model"]

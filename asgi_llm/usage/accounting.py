@@ -53,6 +53,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asgi_llm.context import Usage
+from asgi_llm.schemas import ChatCompletionRequest
 from asgi_llm.targets import Price, Target
 from asgi_llm.usage.records import PICO, to_pico
 
@@ -155,9 +156,16 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def completion_cap(payload: Mapping[str, Any]) -> int | None:
+def completion_cap(payload: Mapping[str, Any], request: Any = None) -> int | None:
     """The completion tokens the request allows (``max_completion_tokens`` or
-    ``max_tokens``, × ``n``), or None when it sets no cap."""
+    ``max_tokens``, × ``n``), or None when it sets no cap.
+
+    A validated chat request (``ctx.request``) is read as is: its fields are already
+    positive ints or None. Otherwise the raw payload is checked by hand.
+    """
+    if isinstance(request, ChatCompletionRequest):
+        typed = request.max_completion_tokens or request.max_tokens
+        return None if typed is None else typed * (request.n or 1)
     cap = payload.get("max_completion_tokens")
     if not _positive_int(cap):
         cap = payload.get("max_tokens")
@@ -173,7 +181,7 @@ def estimate_request(ctx: RequestContext, default_max_tokens: int = 4096) -> tup
     prompt = math.ceil(len(ctx.body) / 4)
     if ctx.endpoint == "embeddings":
         return prompt, 0
-    cap = completion_cap(ctx.payload)
+    cap = completion_cap(ctx.payload, ctx.request)
     if cap is None:
         n = ctx.payload.get("n")
         cap = default_max_tokens * (int(n) if _positive_int(n) else 1)
@@ -247,7 +255,7 @@ def plausible_usage(usage: Usage, ctx: RequestContext, *, answer_size: int, hidd
     completion. Called where an attempt's reported usage is recorded.
     """
     prompt_max = len(ctx.body) + PROMPT_SLACK + PART_TOKENS * _media_parts(ctx.payload)
-    cap = completion_cap(ctx.payload) if ctx.endpoint != "embeddings" else 0
+    cap = completion_cap(ctx.payload, ctx.request) if ctx.endpoint != "embeddings" else 0
     hidden = min(usage.reasoning_tokens, HIDDEN_TOKENS_MAX, cap if cap is not None else HIDDEN_TOKENS_MAX) if hidden_ok else 0
     completion_max = answer_size + hidden + USAGE_SLACK
     if cap is not None:
