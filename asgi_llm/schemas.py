@@ -85,6 +85,9 @@ class EmbeddingRequest(BaseModel):
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
+InferenceRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+"""A validated inference body (unknown fields kept in ``model_extra``)."""
+
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "chat": TypeAdapter(ChatCompletionRequest),
     "completions": TypeAdapter(CompletionRequest),
@@ -92,8 +95,9 @@ _ADAPTERS: dict[str, TypeAdapter[Any]] = {
 }
 
 
-def validate_payload(endpoint: str, payload: Any) -> None:
-    """Check a parsed body against the endpoint's model; raise an OpenAI-shaped 400.
+def validate_payload(endpoint: str, payload: Any) -> InferenceRequest:
+    """Check a parsed body against the endpoint's model and return the validated model;
+    raise an OpenAI-shaped 400.
 
     The message names the first offending field the way OpenAI does
     (``param="messages[0].role"``) and says what was expected.
@@ -104,7 +108,7 @@ def validate_payload(endpoint: str, payload: Any) -> None:
             code="invalid_request_body",
         )
     try:
-        _ADAPTERS[endpoint].validate_python(payload)
+        return _ADAPTERS[endpoint].validate_python(payload)  # type: ignore[no-any-return]
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
         param = _loc_to_param(err["loc"])
