@@ -10,7 +10,7 @@ Serve a recipe with ``asgi-llm serve``; or build the gateway yourself and mount 
 
 from __future__ import annotations
 
-from asgi_llm.config import ConfigError, GatewayConfig, load_config, parse_config
+from asgi_llm.recipe import ConfigError, GatewayConfig, build_gateway, load_config, parse_config
 from asgi_llm.context import RequestContext, Usage, get_context
 from asgi_llm.dispatch import DispatchApp
 from asgi_llm.errors import GatewayError
@@ -28,7 +28,7 @@ from asgi_llm.providers.openai import OpenAIAdapter
 from asgi_llm.providers.transport import UpstreamTransport
 from asgi_llm.routing.health import HealthTracker
 from asgi_llm.routing.router import ModelRoute, Router, Target
-from asgi_llm.stack import Gateway, build_gateway, compose, gateway_lifespan
+from asgi_llm.stack import Gateway, compose, gateway_lifespan
 
 __version__ = "0.1.0"
 

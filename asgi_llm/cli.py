@@ -42,8 +42,7 @@ def default_recipe() -> Path:
 def _load(path: Path, *, tracing: bool = False):  # type: ignore[no-untyped-def]
     """Build the gateway of a recipe (exit 2 with the problems when it is invalid).
     ``tracing``: also set up the OpenTelemetry SDK for ``observability.otel`` (serve)."""
-    from asgi_llm.config import ConfigError, load_config
-    from asgi_llm.stack import build_gateway
+    from asgi_llm.recipe import ConfigError, build_gateway, load_config
 
     try:
         config = load_config(path)
@@ -75,12 +74,12 @@ def _setup_tracing(gateway, otel) -> None:  # type: ignore[no-untyped-def]
 
 def app_from_env():  # type: ignore[no-untyped-def]
     """Uvicorn factory for worker processes: builds the gateway from ``$ASGI_LLM_CONFIG``."""
-    from asgi_llm.config import load_config
-    from asgi_llm.stack import build_gateway
+    from asgi_llm.recipe import build_gateway, load_config
 
     config = load_config(os.environ[_CONFIG_ENV])
     gateway = build_gateway(config)
     _setup_tracing(gateway, config.observability.otel)
+    _configure_logging(gateway)
     gateway.tune_gc = True  # the worker process is ours
     return gateway
 
@@ -105,7 +104,7 @@ def serve(
         typer.echo(f"asgi-llm: no --config, serving {path}", err=True)
     gateway = _load(path, tracing=workers == 1)  # validate before forking workers: fail fast, with the key's path
     raise_fd_limit()  # every connection is a descriptor: use what the system allows (workers inherit it)
-    if workers > 1 and gateway.extras.get("state_url", "memory://").startswith("memory://"):
+    if workers > 1 and gateway.services.state_url.startswith("memory://"):
         typer.echo(
             f"asgi-llm: warning: {workers} workers with stores.state memory:// — each worker enforces its own "
             "rate limits, breakers and cache; use redis:// for limits that are exact across workers.",
@@ -119,6 +118,7 @@ def serve(
                 timeout_graceful_shutdown=drain_s)
     opts.update(serve_options(gateway.server_config))
     if workers == 1:
+        _configure_logging(gateway)
         gateway.tune_gc = True  # the process is ours
         from asgi_llm._server import run_draining
 
@@ -129,13 +129,22 @@ def serve(
         uvicorn.run("asgi_llm.cli:app_from_env", factory=True, workers=workers, lifespan="on", **opts)  # type: ignore[arg-type]
 
 
+def _configure_logging(gateway) -> None:  # type: ignore[no-untyped-def]
+    """``observability.log_json`` → structlog prints JSON lines. Only here, in a process
+    ``asgi-llm serve`` owns: building a gateway never reconfigures a host app's logging."""
+    if gateway.log_json:
+        from asgi_llm.observability.logs import configure_logging
+
+        configure_logging(json=True)
+
+
 def _migrate_before_fork(gateway) -> None:  # type: ignore[no-untyped-def]
     """Bring the SQL schema (``stores.ledger``) to head once, in the parent, so N workers
     starting at once find it made (they still check it, under a lock, on start)."""
     from asgi_llm.stores import StoreError
     from asgi_llm.stores.sql import SQLDatabase
 
-    db = gateway.extras.get("sql")
+    db = gateway.services.sql
     if not isinstance(db, SQLDatabase) or not db.migrate:
         return
     try:

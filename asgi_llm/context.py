@@ -15,17 +15,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.types import Scope
 
+from asgi_llm._asgi import BodyReservation
 from asgi_llm._ids import new_id
 
 if TYPE_CHECKING:
-    from asgi_llm.routing.router import Target
+    from asgi_llm.schemas import InferenceRequest
+    from asgi_llm.targets import Target
 
 __all__ = [
     "ANONYMOUS",
     "SCOPE_KEY",
     "Attempt",
+    "BodyState",
+    "CacheHit",
     "Endpoint",
     "Principal",
+    "QuotaOutcome",
     "RequestContext",
     "Usage",
     "gateway_headers",
@@ -34,6 +39,10 @@ __all__ = [
 ]
 
 SCOPE_KEY = "asgi_llm"
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_BODY_READ_TIMEOUT_S = 60.0
 
 Endpoint = Literal["chat", "completions", "embeddings", "models", "health", "admin", "nodes", "other"]
 
@@ -130,6 +139,40 @@ class Attempt:
 
 
 @dataclass(slots=True)
+class BodyState:
+    """How (and whether yet) a request's body is read (:func:`asgi_llm.request.ensure_body`)."""
+
+    max_bytes: int = DEFAULT_MAX_BODY_BYTES
+    timeout_s: float | None = DEFAULT_BODY_READ_TIMEOUT_S
+    reservation: BodyReservation = field(default_factory=lambda: BodyReservation(None))
+    held: bool = False  # True until auth has accepted the key
+    loaded: bool = False
+
+
+@dataclass(slots=True)
+class QuotaOutcome:
+    """What the quota layer reserved at admission and settled afterwards (pico-USD, tokens)."""
+
+    reserved_tokens: int = 0
+    reserved_spend_pico_usd: int = 0
+    tokens: int = 0
+    spend_pico_usd: int = 0
+    unpriced_routes: list[str] = field(default_factory=list)
+    store_unavailable_open: bool = False
+    """The state store was down and ``stores.state_failure: open`` admitted the request unlimited."""
+
+
+@dataclass(slots=True)
+class CacheHit:
+    """A cached answer the cache layer replayed instead of calling an upstream."""
+
+    usage: Usage | None
+    route: str | None
+    key: str
+    age_s: float
+
+
+@dataclass(slots=True)
 class RequestContext:
     """Everything the pipeline knows about one request.
 
@@ -164,7 +207,28 @@ class RequestContext:
     upstream_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    request: InferenceRequest | None = None
+    """The validated body (:func:`asgi_llm.schemas.validate_payload`): typed fields for consumers."""
+    body_state: BodyState | None = None
+    """How (and whether yet) the body is read (:mod:`asgi_llm.request`)."""
+    client_disconnected: bool = False
+    """The client went away during the answer (dispatch)."""
+    node_choices: dict[int, list[Target]] = field(default_factory=dict)
+    """Node selector → the nodes it resolved to for this request (the router: once per request)."""
+    quota: QuotaOutcome | None = None
+    """What the quota layer reserved and settled."""
+    cache_layer_seen: bool = False
+    """A cache layer handled this request (a second one refuses to run)."""
+    cache_hit: CacheHit | None = None
+    """The cached answer replayed (cache layer → usage layer)."""
+    charges: list[Any] | None = None
+    """The attempts' :class:`~asgi_llm.usage.accounting.Charge` s, computed once (ledger and quota share them)."""
+    audit_target: str | None = None
+    """What an admin or node action acted on (e.g. the key id created), for the audit log."""
+    audit_detail: dict[str, Any] | None = None
+    """Extra, bounded detail for the audit event."""
     state: dict[str, Any] = field(default_factory=dict)
+    """For host apps' own layers; asgi-llm itself keeps nothing here."""
 
     @property
     def is_inference(self) -> bool:

@@ -29,7 +29,7 @@ from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected
 from asgi_llm._sse import DONE, encode_json
 from asgi_llm.context import Attempt, RequestContext, Usage, gateway_headers
 from asgi_llm.errors import GatewayError, ServiceUnavailableError, UpstreamError, UpstreamStatusError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.providers.base import ProviderAdapter, UpstreamReply, retry_after_seconds
 from asgi_llm.routing.health import HealthTracker
 from asgi_llm.routing.router import Router
@@ -191,7 +191,7 @@ async def _relay_stream(ctx: RequestContext, reply: UpstreamReply, attempt: Atte
     except asyncio.CancelledError:
         # Our own cancel (and nobody else's): the client left mid-stream.
         if disconnected and task.uncancel() <= cancelling:
-            ctx.state["client_disconnected"] = True
+            ctx.client_disconnected = True
             raise ClientDisconnected() from None
         raise
     finally:
@@ -221,7 +221,7 @@ async def _relay_stream_anyio(ctx: RequestContext, reply: UpstreamReply, attempt
     # Servers report http.disconnect once a response is complete, too: a disconnect
     # seen after the last message was sent is not an abort.
     if disconnected and not finished:
-        ctx.state["client_disconnected"] = True
+        ctx.client_disconnected = True
         raise ClientDisconnected()
     if failure is not None:
         raise failure

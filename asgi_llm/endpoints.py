@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from asgi_llm._asgi import send_json
 from asgi_llm.context import gateway_headers
 from asgi_llm.errors import ModelNotFoundError, NotFoundError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.openapi import OPENAPI_PATH, send_openapi
 from asgi_llm.routing.router import Router
 

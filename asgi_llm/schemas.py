@@ -85,6 +85,9 @@ class EmbeddingRequest(BaseModel):
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
+InferenceRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+"""A validated inference body (unknown fields kept in ``model_extra``)."""
+
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "chat": TypeAdapter(ChatCompletionRequest),
     "completions": TypeAdapter(CompletionRequest),
@@ -92,8 +95,9 @@ _ADAPTERS: dict[str, TypeAdapter[Any]] = {
 }
 
 
-def validate_payload(endpoint: str, payload: Any) -> None:
-    """Check a parsed body against the endpoint's model; raise an OpenAI-shaped 400.
+def validate_payload(endpoint: str, payload: Any) -> InferenceRequest:
+    """Check a parsed body against the endpoint's model and return the validated model;
+    raise an OpenAI-shaped 400.
 
     The message names the first offending field the way OpenAI does
     (``param="messages[0].role"``) and says what was expected.
@@ -104,7 +108,7 @@ def validate_payload(endpoint: str, payload: Any) -> None:
             code="invalid_request_body",
         )
     try:
-        _ADAPTERS[endpoint].validate_python(payload)
+        return _ADAPTERS[endpoint].validate_python(payload)  # type: ignore[no-any-return]
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
         param = _loc_to_param(err["loc"])
@@ -230,7 +234,11 @@ def parse_json(raw: bytes | str, *, what: str = "The request body", non_finite: 
         if "integer string conversion" in detail:
             detail = "a number has too many digits"
         raise InvalidRequestError(f"{what} is not valid JSON: {detail}.", code="invalid_json") from None
-    _check_tree(value, what, strings=_may_hold_surrogates(raw), ints=not non_finite)
+    try:
+        _check_tree(value, what, strings=_may_hold_surrogates(raw), ints=not non_finite)
+    except _WideIntError as exc:
+        exc.param = _wide_int_param(value)  # name the field to fix
+        raise
     return value
 
 
@@ -288,6 +296,29 @@ def _check_scalar(item: Any, what: str, strings: bool) -> None:
                 code="invalid_json",
             )
     elif kind is int and not -_INT_LIMIT <= item < _INT_LIMIT:
-        raise InvalidRequestError(
+        raise _WideIntError(
             f"{what} contains an integer outside the 64-bit range; send a smaller number.", code="invalid_json"
         )
+
+
+class _WideIntError(InvalidRequestError):
+    """An integer past 64 bits (:func:`parse_json` then names where it sits)."""
+
+
+def _wide_int_param(value: Any) -> str | None:
+    """Where the first integer past 64 bits sits (``limits.rpm``, ``messages[0].seed``), so
+    the 400 names the field to fix; ``None`` at the top level or past the depth bound."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:
+        node, loc = stack.pop()
+        if type(node) is int:
+            if not -_INT_LIMIT <= node < _INT_LIMIT:
+                return _loc_to_param(loc) if loc else None
+            continue
+        if len(loc) >= MAX_JSON_DEPTH:
+            continue
+        if type(node) is dict:
+            stack.extend((v, (*loc, k)) for k, v in reversed(node.items()))
+        elif type(node) is list:
+            stack.extend((v, (*loc, i)) for i, v in reversed(list(enumerate(node))))
+    return None

@@ -1,4 +1,6 @@
-"""``build_gateway()``: the one place the pipeline is composed.
+"""``compose()``: the one place the pipeline is put together, and the :class:`Gateway` it makes.
+
+:mod:`asgi_llm.recipe.build` turns a recipe into the parts this module composes.
 
 The fixed order, outermost first::
 
@@ -27,12 +29,8 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm.admin import AdminApp
-from asgi_llm.console import build_console
 from asgi_llm.dispatch import DispatchApp
 from asgi_llm.endpoints import GatewayEndpoints, ReadinessCheck
-from asgi_llm.middleware.audit import build_audit_layer
-from asgi_llm.middleware.auth import build_auth_layer
-from asgi_llm.middleware.cache import build_cache_layer
 from asgi_llm.middleware.context import (
     DEFAULT_BODY_READ_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -41,30 +39,31 @@ from asgi_llm.middleware.context import (
     LoadBody,
 )
 from asgi_llm.middleware.errors import ErrorMiddleware
-from asgi_llm.middleware.quota import build_quota_layer
-from asgi_llm.middleware.usage import build_usage_layer
-from asgi_llm.observability.middleware import build_observability_layer
-from asgi_llm.providers.base import ProviderAdapter, Timeouts
-from asgi_llm.providers.anthropic import AnthropicAdapter
-from asgi_llm.providers.openai import OpenAIAdapter
-from asgi_llm.providers.transport import TransportName, make_transport
-from asgi_llm.middleware.failover import FailoverMiddleware, FailoverPolicy
-from asgi_llm.routing.explain import explain_route
-from asgi_llm.routing.health import BreakerPolicy, HealthTracker
-from asgi_llm.routing.probes import HealthProber
-from asgi_llm.nodes.selector import NodeSelector
-from asgi_llm.routing.router import ModelRoute, Price, Router, Target
+from asgi_llm.providers.base import ProviderAdapter
+from asgi_llm.routing.health import HealthTracker
+from asgi_llm.routing.router import Router
 
 if TYPE_CHECKING:
-    from asgi_llm.config import GatewayConfig
+    from asgi_llm.audit.store import SQLAuditStore
+    from asgi_llm.auth.keyring import KeyRing
+    from asgi_llm.console import ConsoleApp
+    from asgi_llm.nodes.service import NodeService
+    from asgi_llm.observability.metrics import GatewayMetrics
+    from asgi_llm.observability.tracing import GatewayTracer
+    from asgi_llm.stores.cache import CacheStore
+    from asgi_llm.stores.sql import SQLDatabase
+    from asgi_llm.stores.state import StateStore
+    from asgi_llm.usage.accounting import Accountant
+    from asgi_llm.usage.quarantine import SQLQuarantineStore
+    from asgi_llm.usage.store import SQLLedgerStore
+    from asgi_llm.usage.writer import BatchWriter
 
 __all__ = [
     "LAYERS",
-    "BuildParts",
     "Gateway",
     "LayerFactory",
     "Resource",
-    "build_gateway",
+    "Services",
     "compose",
     "gateway_lifespan",
 ]
@@ -90,6 +89,30 @@ class Resource(Protocol):
         ...
 
 
+@dataclass
+class Services:
+    """The parts a built gateway is made of, by name (admin endpoints, the CLI and tests
+    find stores here). What a recipe leaves off stays ``None``."""
+
+    health: HealthTracker | None = None
+    state_url: str = "memory://"
+    sql: SQLDatabase | None = None
+    state: StateStore | None = None
+    keyring: KeyRing | None = None
+    accountant: Accountant | None = None
+    metrics: GatewayMetrics | None = None
+    tracer: GatewayTracer | None = None
+    ledger_store: SQLLedgerStore | None = None
+    ledger_writer: BatchWriter[Any] | None = None
+    audit_store: SQLAuditStore | None = None
+    audit_writer: BatchWriter[Any] | None = None
+    quarantine_store: SQLQuarantineStore | None = None
+    writers: list[BatchWriter[Any]] = field(default_factory=list)
+    cache_store: CacheStore | None = None
+    nodes: NodeService | None = None
+    console: ConsoleApp | None = None
+
+
 class Gateway:
     """The composed gateway: an ASGI app that also handles its own lifespan.
 
@@ -98,6 +121,7 @@ class Gateway:
         providers: adapter per provider name.
         router: public model → targets.
         resources: opened at startup (in order), closed at shutdown (in reverse).
+        services: the stores, writers and helpers the gateway was built with, by name.
     """
 
     def __init__(
@@ -107,16 +131,22 @@ class Gateway:
         providers: Mapping[str, ProviderAdapter],
         router: Router,
         resources: Sequence[Resource] = (),
-        extras: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+        websocket: ASGIApp | None = None,
     ) -> None:
         self.app = app
         self.providers = dict(providers)
         self.router = router
         self.resources = list(resources)
-        self.extras: dict[str, Any] = dict(extras or {})
+        self.services = services if services is not None else Services()
+        self.websocket = websocket
+        """Handles ``websocket`` scopes (the ``/nodes/tunnel`` of :mod:`asgi_llm.nodes`), if any."""
         self._stack: contextlib.AsyncExitStack | None = None
         self.server_config: Any = None
         """The recipe's ``server`` section (``asgi-llm serve`` reads its connection limits)."""
+        self.log_json = False
+        """The recipe's ``observability.log_json``: ``asgi-llm serve`` configures logging from it
+        (building a gateway never touches a host app's logging)."""
         self.tune_gc = False
         """Set by ``asgi-llm serve``, which owns its process: see :func:`tune_gc_for_serving`."""
 
@@ -124,8 +154,8 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] == "websocket" and "websocket" in self.extras:
-            await self.extras["websocket"](scope, receive, send)  # /nodes/tunnel (asgi_llm.nodes)
+        if scope["type"] == "websocket" and self.websocket is not None:
+            await self.websocket(scope, receive, send)  # /nodes/tunnel (asgi_llm.nodes)
             return
         await self.app(scope, receive, send)
 
@@ -227,12 +257,13 @@ def compose(
     body_read_timeout_s: float | None = DEFAULT_BODY_READ_TIMEOUT_S,
     max_inflight_body_bytes: int | None = DEFAULT_MAX_INFLIGHT_BODY_BYTES,
     exclude: Collection[str] = (),
-    extras: Mapping[str, Any] | None = None,
+    services: Services | None = None,
+    websocket: ASGIApp | None = None,
     admin_routes: Sequence[BaseRoute] = (),
     node_routes: Sequence[BaseRoute] = (),
     health: HealthTracker | None = None,
 ) -> Gateway:
-    """Compose the pipeline from ready-made parts (what :func:`build_gateway` calls).
+    """Compose the pipeline from ready-made parts (what :func:`asgi_llm.recipe.build.build_gateway` calls).
 
     ``layers`` maps a layer name of :data:`LAYERS` to a factory; they are applied in
     the fixed order whatever the mapping's order. ``exclude`` drops layers by name;
@@ -256,144 +287,15 @@ def compose(
                             max_inflight_body_bytes=max_inflight_body_bytes,
                             hold_body_for_auth="auth" in layers and "auth" not in exclude)
     app = ErrorMiddleware(app)
-    return Gateway(app, providers=providers, router=router, resources=resources, extras=extras)
+    return Gateway(app, providers=providers, router=router, resources=resources, services=services,
+                   websocket=websocket)
 
 
-@dataclass
-class BuildParts:
-    """What layer builders share while :func:`build_gateway` assembles a recipe.
+def __getattr__(name: str) -> Any:
+    # ``from asgi_llm.stack import build_gateway`` predates asgi_llm.recipe; keep it working
+    # without importing the composition root at import time (it imports this module).
+    if name in ("build_gateway", "BuildParts"):
+        from asgi_llm.recipe import build
 
-    A builder reads ``config``, may use ``router``/``providers``/``stores``, and adds
-    what it needs opened at startup to ``resources`` and its health to ``readiness``.
-    ``extras`` ends up on :attr:`Gateway.extras` (admin endpoints and tests find
-    stores there).
-    """
-
-    config: GatewayConfig
-    router: Router
-    providers: dict[str, ProviderAdapter]
-    health: HealthTracker
-    transport: TransportName = "auto"
-    resources: list[Resource] = field(default_factory=list)
-    readiness: list[ReadinessCheck] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-    admin_routes: list[BaseRoute] = field(default_factory=list)
-    node_routes: list[BaseRoute] = field(default_factory=list)
-
-
-LayerBuilder = Callable[[BuildParts], "LayerFactory | None"]
-
-def build_failover_layer(parts: BuildParts) -> LayerFactory:
-    """Failover is always on: a plan of one target still gets the commit point and retries."""
-    rc = parts.config.routing
-    policy = FailoverPolicy(
-        max_attempts=rc.max_attempts,
-        retries_per_target=rc.retries_per_target,
-        max_retry_wait_s=rc.max_retry_wait_s,
-        request_timeout_s=parts.config.server.request_timeout_s,
-    )
-    parts.admin_routes.append(explain_route(parts.router))
-    return lambda app: FailoverMiddleware(app, router=parts.router, policy=policy)
-
-
-# name → builder, one per layer module (each module owns its recipe → layer mapping).
-_LAYER_BUILDERS: dict[str, LayerBuilder] = {
-    "observability": build_observability_layer,
-    "audit": build_audit_layer,
-    "auth": build_auth_layer,
-    "quota": build_quota_layer,
-    "usage": build_usage_layer,
-    "cache": build_cache_layer,
-    "failover": build_failover_layer,
-}
-
-
-def build_gateway(config: GatewayConfig, *, transport: TransportName = "auto", exclude: Collection[str] = ()) -> Gateway:
-    """Build the gateway a recipe describes.
-
-    Raises :class:`~asgi_llm.config.ConfigError` when settings cannot work together (a
-    layer builder refuses, e.g. nodes without a key store) — refusing to start beats
-    silently ignoring a setting.
-    """
-    rc = config.routing
-    health = HealthTracker(
-        BreakerPolicy(
-            failure_threshold=rc.health.failure_threshold,
-            cooldown_s=rc.health.cooldown_s,
-            max_cooldown_s=rc.health.max_cooldown_s,
-            auth_cooldown_s=rc.health.auth_cooldown_s,
-        )
-    )
-    providers: dict[str, ProviderAdapter] = {}
-    for name, p in config.providers.items():
-        timeouts = Timeouts(connect=p.connect_timeout_s, attempt=p.timeout_s, ttft=p.ttft_timeout_s, idle=p.idle_timeout_s,
-                            max_response_bytes=p.max_response_bytes, max_event_bytes=p.max_event_bytes)
-        adapter_cls = AnthropicAdapter if p.kind == "anthropic" else OpenAIAdapter
-        providers[name] = adapter_cls(
-            name,
-            base_url=p.base_url,
-            api_keys=p.api_keys,
-            timeouts=timeouts,
-            headers=p.headers,
-            transport=make_transport(transport, max_connections=p.max_connections, connect_timeout=p.connect_timeout_s),
-            health=health,
-            request_id_header=p.request_id_header,
-        )
-    routes = []
-    for name, m in config.models.items():
-        targets = tuple(
-            (NodeSelector if t.nodes is not None else Target)(  # type: ignore[operator]
-                t.nodes if t.nodes is not None else (t.provider or ""),
-                model=t.model,
-                price=Price(t.price.input, t.price.output, t.price.cached_input) if t.price else None,
-                weight=t.weight,
-                context_window=t.context_window,
-                prefill=t.prefill,
-            )
-            for t in m.targets
-        )
-        routes.append(ModelRoute(name=name, targets=targets, strategy=m.strategy))
-    router = Router(routes, rules=rc.rules, health=health, key_ids={n: a.keys.ids for n, a in providers.items()})
-    parts = BuildParts(config=config, router=router, providers=providers, health=health, transport=transport)
-    parts.extras["health"] = health
-    parts.extras["state_url"] = config.stores.state
-    if rc.health.probe_interval_s > 0:
-        parts.resources.append(HealthProber(providers, health, interval_s=rc.health.probe_interval_s))
-    if config.stores.state.startswith(("redis://", "rediss://")):
-        # Replicas share breaker transitions (reads stay local; see routing/shared_health.py)
-        # through the state store's one Redis client: the store is opened first, closed last.
-        from asgi_llm.routing.shared_health import SharedHealth
-        from asgi_llm.stores.state import state_store_from_url
-
-        state = parts.extras["state"] = state_store_from_url(config.stores.state)
-        parts.resources.append(state)
-        parts.resources.append(SharedHealth(state.redis, health))  # type: ignore[attr-defined]
-    layers: dict[str, LayerFactory] = {}
-    for name, builder in _LAYER_BUILDERS.items():
-        if name in exclude:
-            continue
-        factory = builder(parts)
-        if factory is not None:
-            layers[name] = factory
-    from asgi_llm.nodes.build import build_nodes
-
-    build_nodes(parts)  # BYOI nodes: registry, /nodes + /admin/nodes routes, router hooks
-    gateway = compose(
-        providers=parts.providers,
-        router=parts.router,
-        layers=layers,
-        resources=parts.resources,
-        readiness=parts.readiness,
-        max_body_bytes=config.server.max_body_bytes,
-        body_read_timeout_s=config.server.body_read_timeout_s,
-        max_inflight_body_bytes=config.server.max_inflight_body_bytes,
-        exclude=exclude,
-        extras=parts.extras,
-        admin_routes=parts.admin_routes,
-        node_routes=parts.node_routes,
-        health=health,
-    )
-    gateway.server_config = config.server
-    build_console(parts, gateway)  # /console in front of the stack (asgi_llm.console)
-    return gateway
-
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -87,11 +87,13 @@ class BenchAdapter:
         self.name = name
         self.timeouts = Timeouts()
         try:  # builds whose adapters carry an upstream key pool
-            from asgi_llm.providers.keys import KeyPool
-
-            self.keys = KeyPool(name, [])
-        except ImportError:  # pragma: no cover - older builds
-            pass
+            from asgi_llm.providers.key_pool import KeyPool
+        except ImportError:  # pragma: no cover - builds before the key_pool rename
+            try:
+                from asgi_llm.providers.keys import KeyPool  # type: ignore[no-redef]
+            except ImportError:  # older builds: no key pool
+                return
+        self.keys = KeyPool(name, [])
 
     async def send(self, ctx: Any, target: Target, *, api_key: str | None = None) -> UpstreamReply:
         return UpstreamReply(_CannedResponse(ctx.stream), target=target.route, timeouts=self.timeouts,

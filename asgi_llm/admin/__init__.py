@@ -1,7 +1,7 @@
 """The admin API (``/admin/...``) and the node API (``/nodes/...``).
 
 Capabilities register Starlette routes on :class:`BuildParts.admin_routes
-<asgi_llm.stack.BuildParts>` / ``node_routes`` while the gateway is built; this app
+<asgi_llm.recipe.parts.BuildParts>` / ``node_routes`` while the gateway is built; this app
 routes to them. Handlers raise :class:`~asgi_llm.errors.GatewayError` for failures —
 the error layer renders them in OpenAI's shape like any other.
 
@@ -14,25 +14,45 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from starlette.routing import BaseRoute, Router
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from asgi_llm.context import ANONYMOUS, get_context
-from asgi_llm.errors import NotFoundError, PermissionDeniedError
+from asgi_llm.errors import MethodNotAllowedError, NotFoundError, PermissionDeniedError
 
-__all__ = ["AdminApp"]
+__all__ = ["AdminApp", "RouteTable"]
 
 
-async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    raise NotFoundError(f"No such endpoint: {scope['method']} {scope.get('path', '')}.")
+class RouteTable:
+    """Starlette routes, matched in order; no match is our own 404 and a path that exists
+    with another method our own 405 (with ``Allow``), both raised as
+    :class:`~asgi_llm.errors.GatewayError` for the error layer to render in OpenAI's shape."""
+
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        self.routes = list(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        allowed: set[str] = set()
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                await route.handle({**scope, **child}, receive, send)
+                return
+            if match is Match.PARTIAL and isinstance(route, Route) and route.methods:
+                allowed |= route.methods
+        if allowed:
+            methods = ", ".join(sorted(allowed))
+            raise MethodNotAllowedError(f"{scope['method']} is not allowed on {scope.get('path', '')}; use {methods}.",
+                                        headers={"allow": methods})
+        raise NotFoundError(f"No such endpoint: {scope['method']} {scope.get('path', '')}.")
 
 
 class AdminApp:
     """Dispatch ``/admin/...`` and ``/nodes/...`` to registered routes."""
 
     def __init__(self, *, admin_routes: Sequence[BaseRoute] = (), node_routes: Sequence[BaseRoute] = ()) -> None:
-        self.admin = Router(routes=list(admin_routes), default=_not_found)
-        self.nodes = Router(routes=list(node_routes), default=_not_found)
+        self.admin = RouteTable(admin_routes)
+        self.nodes = RouteTable(node_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = get_context(scope)
@@ -52,9 +72,4 @@ class AdminApp:
 
 def _relative(scope: Scope, path: str) -> Scope:
     # Route on the mount-relative path so a gateway mounted at /llm still matches /admin/...
-    # "app" makes Starlette raise HTTPException (405 on a wrong method) instead of
-    # answering plain text; the error layer renders it in OpenAI's shape.
-    return {**scope, "path": path, "root_path": "", "app": _ROUTER_APP}
-
-
-_ROUTER_APP = object()
+    return {**scope, "path": path, "root_path": ""}

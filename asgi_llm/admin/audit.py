@@ -29,7 +29,7 @@ __all__ = ["audit_routes"]
 
 
 def audit_routes(store: SQLAuditStore, writer: BatchWriter[Any] | None = None) -> list[Route]:
-    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.stack.BuildParts>`."""
+    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.recipe.parts.BuildParts>`."""
 
     async def events(request: Request) -> Response:
         q = request.query_params

@@ -22,7 +22,7 @@ GLOBAL_ORG = "*"
 
 
 def cache_admin_routes(store: CacheStore) -> list[Route]:
-    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.stack.BuildParts>`."""
+    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.recipe.parts.BuildParts>`."""
 
     async def purge(request: Request) -> Response:
         ctx = get_context(request.scope)

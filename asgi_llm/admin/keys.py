@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from asgi_llm.auth.keyring import SUPER_ORG
-from asgi_llm.config import KeyLimits
+from asgi_llm.auth.limits import KeyLimits
 from asgi_llm.context import Principal, gateway_headers
 from asgi_llm.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from asgi_llm.schemas import parse_json_object

@@ -201,8 +201,8 @@ def node_admin_routes(service: NodeService, *, ledger: Any = None) -> list[BaseR
         rules = parse_rules(body["accept"])
         await service.set_consents(org, rules, by=caller.key_id)
         ctx = request.scope["asgi_llm"]
-        ctx.state["audit_target"] = org
-        ctx.state["audit_detail"] = {"accept": [r.public() for r in rules][:20]}
+        ctx.audit_target = org
+        ctx.audit_detail = {"accept": [r.public() for r in rules][:20]}
         return _respond(request, _acceptance(org))
 
     async def report(request: Request) -> JSONResponse:

@@ -45,7 +45,7 @@ def _int(raw: str | None, name: str, lo: int, hi: int) -> int | None:
 
 
 def quarantine_routes(store: SQLQuarantineStore, writers: Sequence[BatchWriter[Any]] = ()) -> list[Route]:
-    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.stack.BuildParts>`."""
+    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.recipe.parts.BuildParts>`."""
 
     async def listing(request: Request) -> Response:
         q = request.query_params

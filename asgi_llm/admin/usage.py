@@ -74,7 +74,7 @@ def _int(request: Request, name: str, default: int, hi: int) -> int:
 
 
 def usage_routes(store: SQLLedgerStore, writer: BatchWriter[Any] | None = None) -> list[Route]:
-    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.stack.BuildParts>`."""
+    """The routes to append to :attr:`BuildParts.admin_routes <asgi_llm.recipe.parts.BuildParts>`."""
 
     def window(request: Request) -> dict[str, Any]:
         return {"since": parse_time(request.query_params.get("since"), "since"),

@@ -39,9 +39,9 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asgi_llm.auth.keys import (
     KEY_PREFIX,
@@ -53,7 +53,7 @@ from asgi_llm.auth.keys import (
     hash_key,
     new_key_id,
 )
-from asgi_llm.config import KeyLimits
+from asgi_llm.auth.limits import KeyLimits
 from asgi_llm.context import Principal
 from asgi_llm.errors import AuthenticationError
 
@@ -61,11 +61,23 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from asgi_llm.auth.store import KeyStore
-    from asgi_llm.config import AuthConfig
 
 __all__ = ["PEPPER_ENV", "SUPER_ORG", "KeyRing", "StaticEntry"]
 
 logger = logging.getLogger("asgi_llm.auth")
+
+
+class AuthOptions(Protocol):
+    """What :meth:`KeyRing.from_config` reads of the recipe's ``auth`` section."""
+
+    @property
+    def pepper(self) -> str | None: ...
+    @property
+    def admin_keys(self) -> Sequence[str]: ...
+    @property
+    def keys(self) -> Sequence[Any]: ...
+    @property
+    def cache_ttl_s(self) -> float: ...
 
 PEPPER_ENV = "ASGI_LLM_PEPPER"
 SUPER_ORG = "*"
@@ -126,7 +138,7 @@ class KeyRing:
         self._clock = clock
 
     @classmethod
-    def from_config(cls, auth: AuthConfig, *, store: KeyStore | None, environ: Mapping[str, str] | None = None) -> KeyRing:
+    def from_config(cls, auth: AuthOptions, *, store: KeyStore | None, environ: Mapping[str, str] | None = None) -> KeyRing:
         """Build from the recipe's ``auth`` section (raises ``ValueError`` for a bad pepper)."""
         env = os.environ if environ is None else environ
         pepper_text = auth.pepper or env.get(PEPPER_ENV) or None

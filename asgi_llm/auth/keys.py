@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgi_llm.config import KeyLimits
+from asgi_llm.auth.limits import KeyLimits
 from asgi_llm.context import Principal
 
 __all__ = [

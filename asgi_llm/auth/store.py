@@ -19,7 +19,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asgi_llm.auth.keys import KeyRecord
-from asgi_llm.config import KeyLimits
+from asgi_llm.auth.limits import KeyLimits
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from asgi_llm.cache.capture import ResponseCapture
 from asgi_llm.cache.entry import Entry, StreamAssembler, is_complete, replay_events
-from asgi_llm.cache.keys import IGNORED_FIELDS, CacheKey, canonical_json, make_key
+from asgi_llm.cache.cache_key import IGNORED_FIELDS, CacheKey, canonical_json, make_key
 from asgi_llm.cache.policy import CachePolicy, CacheRule, Controls, is_deterministic, parse_controls
 
 __all__ = [

@@ -81,7 +81,7 @@ class CachePolicy:
 
     @classmethod
     def from_config(cls, config: Any) -> CachePolicy:
-        """Build from a recipe's :class:`~asgi_llm.config.CacheConfig`."""
+        """Build from a recipe's :class:`~asgi_llm.recipe.schema.CacheConfig`."""
 
         def rules(raw: Mapping[str, Any]) -> dict[str, CacheRule]:
             return {

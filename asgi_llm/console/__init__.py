@@ -1,7 +1,7 @@
 """The web console (``/console``): sign in with an admin key, then keys, nodes, usage,
 routing, audit and a playground — every action through the gateway's own admin API.
 
-How it fits: :func:`build_console` wraps the composed gateway app in
+How it fits: :func:`asgi_llm.recipe.console.build_console` wraps the composed gateway app in
 :class:`ConsoleApp`, which answers paths under the console's path and passes
 everything else on untouched. Pages are server-rendered (Jinja2) shells; the small
 hand-written script in ``static/console.js`` fills them by calling
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -45,9 +44,8 @@ from asgi_llm.middleware.auth import INJECTED_PRINCIPAL
 
 if TYPE_CHECKING:
     from asgi_llm.auth.keyring import KeyRing
-    from asgi_llm.stack import BuildParts, Gateway
 
-__all__ = ["ConsoleApp", "build_console"]
+__all__ = ["ConsoleApp", "ConsoleResource"]
 
 log = logging.getLogger("asgi_llm.console")
 
@@ -409,7 +407,7 @@ async def _read_form(receive: Receive) -> dict[str, str] | None:
         return None
 
 
-class _ConsoleResource:
+class ConsoleResource:
     """Loads the session secret at startup: the recipe/env one, else the SQL store's."""
 
     def __init__(self, console: ConsoleApp, *, secret: str | None, keys: KeyRing, ttl_s: float) -> None:
@@ -435,23 +433,3 @@ class _ConsoleResource:
 
     async def aclose(self) -> None:
         return None
-
-
-def build_console(parts: BuildParts, gateway: Gateway) -> None:
-    """Mount the console in front of ``gateway.app`` as the recipe's ``console`` section says.
-
-    The one call from :func:`~asgi_llm.stack.build_gateway`. Needs the auth layer's key
-    ring (``parts.extras["keyring"]``); without one the console shows how to enable it.
-    """
-    cfg = getattr(parts.config, "console", None)
-    if cfg is None or not cfg.enabled:
-        return
-    keys = parts.extras.get("keyring")
-    writer = parts.extras.get("audit_writer")
-    console = ConsoleApp(gateway.app, keys=keys, path=cfg.path, session_ttl_s=cfg.session_ttl_s,
-                         audit=writer.put if writer is not None else None)
-    if keys is not None:
-        secret = cfg.session_secret or os.environ.get("ASGI_LLM_CONSOLE_SECRET") or None
-        gateway.resources.append(_ConsoleResource(console, secret=secret, keys=keys, ttl_s=cfg.session_ttl_s))
-    gateway.app = console
-    gateway.extras["console"] = console

@@ -9,7 +9,7 @@ including a stream that broke after it started); ``error`` (an unexpected except
 
 Events go to a synchronous sink (the audit ``BatchWriter``), which appends them to the
 hash chain in batches. Admin handlers may describe what they did by setting
-``ctx.state["audit_target"]`` (e.g. the key id created) and ``ctx.state["audit_detail"]``
+``ctx.audit_target`` (e.g. the key id created) and ``ctx.audit_detail``
 (a small JSON object — never a secret).
 """
 
@@ -17,27 +17,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import ClientDisconnected
-from asgi_llm.audit.chain import AuditEvent, bounded, quarantine_placeholder
+from asgi_llm.audit.chain import AuditEvent
 from asgi_llm.context import RequestContext
 from asgi_llm.errors import GatewayError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 
-if TYPE_CHECKING:
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["AuditMiddleware", "build_audit_layer", "verdict_for"]
+__all__ = ["AuditMiddleware", "verdict_for"]
 
 log = logging.getLogger("asgi_llm.audit")
 
 
 def verdict_for(ctx: RequestContext, status: int, *, raised: BaseException | None, started: bool) -> str:
     """The audit verdict of a finished request."""
-    if isinstance(raised, ClientDisconnected) or ctx.state.get("client_disconnected"):
+    if isinstance(raised, ClientDisconnected) or ctx.client_disconnected:
         return "aborted"
     if raised is not None and not isinstance(raised, GatewayError):
         return "error"
@@ -121,7 +119,7 @@ class AuditMiddleware:
             detail["cache"] = ctx.cache_status
             if ctx.attempt_log:
                 detail["routes"] = [a.route for a in ctx.attempt_log]
-        extra = ctx.state.get("audit_detail")
+        extra = ctx.audit_detail
         if isinstance(extra, dict):
             detail.update(extra)
         p = ctx.principal
@@ -129,28 +127,7 @@ class AuditMiddleware:
             kind=kind, org=p.org, actor=p.key_id,
             action=ctx.endpoint if kind == "inference" else f"{ctx.method} {ctx.path}",
             verdict=verdict, status=final, request_id=ctx.request_id,
-            target=ctx.state.get("audit_target"), model=ctx.model,
+            target=ctx.audit_target, model=ctx.model,
             route=ctx.target.route if ctx.target is not None else None, attempts=ctx.attempts,
             detail=detail or None,
         )
-
-
-def build_audit_layer(parts: BuildParts) -> LayerFactory | None:
-    """``usage.audit`` → the audit writer (a resource), admin audit routes, the layer."""
-    cfg = parts.config.usage
-    if not cfg.audit:
-        return None
-    from asgi_llm.admin.audit import audit_routes
-    from asgi_llm.audit.store import SQLAuditStore
-    from asgi_llm.middleware.usage import config_writer, shared_sql
-
-    store = SQLAuditStore(shared_sql(parts))
-    writer = config_writer(parts, "audit", sink=store.append_many, encode=AuditEvent.to_json, decode=AuditEvent.from_json,
-                           normalise=bounded, substitute=quarantine_placeholder)
-    parts.extras["audit_store"] = store
-    parts.extras["audit_writer"] = writer
-    metrics = parts.extras.get("metrics")
-    if metrics is not None:
-        metrics.watch_writer(writer)
-    parts.admin_routes.extend(audit_routes(store, writer))
-    return lambda app: AuditMiddleware(app, sink=writer.put)

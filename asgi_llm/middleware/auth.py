@@ -28,15 +28,14 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from asgi_llm._asgi import get_header
 from asgi_llm.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
-from asgi_llm.middleware.context import ensure_body, ensure_context
+from asgi_llm.auth.presented import presented_key
+from asgi_llm.request import ensure_body, ensure_context
 
 if TYPE_CHECKING:
     from asgi_llm.auth.keyring import KeyRing
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["INJECTED_PRINCIPAL", "AuthMiddleware", "build_auth_layer", "model_not_found"]
+__all__ = ["INJECTED_PRINCIPAL", "AuthMiddleware", "model_not_found"]
 
 INJECTED_PRINCIPAL = "asgi_llm.injected_principal"
 """Scope key under which in-process callers (the console, replaying a signed-in admin's
@@ -56,28 +55,6 @@ def model_not_found(model: str) -> ModelNotFoundError:
         "GET /v1/models lists the models you can use.",
         param="model",
     )
-
-
-def presented_key(scope: Scope) -> str | None:
-    """The key a request presents (``None`` if none); raises for a malformed header."""
-    auth = get_header(scope, b"authorization")
-    if auth is not None:
-        try:
-            text = auth.decode("ascii").strip()
-        except UnicodeDecodeError:
-            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.") from None
-        scheme, _, token = text.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.")
-        return token
-    api_key = get_header(scope, b"x-api-key")
-    if api_key is not None:
-        try:
-            return api_key.decode("ascii").strip() or None
-        except UnicodeDecodeError:
-            raise AuthenticationError("Malformed x-api-key header.") from None
-    return None
 
 
 class AuthMiddleware:
@@ -138,51 +115,3 @@ class AuthMiddleware:
             if ctx.model is not None and not principal.allows_model(ctx.model):
                 raise model_not_found(ctx.model)
         await self.app(scope, receive, send)
-
-
-def build_auth_layer(parts: BuildParts) -> LayerFactory | None:
-    """The recipe's ``auth`` section → an auth layer (``None``: no keys configured, no auth).
-
-    Auth is on when the recipe declares ``auth.admin_keys`` or ``auth.keys``. With
-    ``auth.keys_from_db`` (default) keys created through the admin API are accepted too;
-    they live in the SQL store at ``stores.ledger``, shared with the ledger
-    (``parts.extras["sql"]``).
-    """
-    from asgi_llm.admin.keys import key_routes
-    from asgi_llm.auth.keyring import KeyRing
-    from asgi_llm.auth.store import SQLKeyStore
-    from asgi_llm.config import ConfigError
-
-    auth = parts.config.auth
-    if not (auth.admin_keys or auth.keys):
-        return None
-    problems: list[tuple[str, str]] = []
-    names: dict[str, int] = {}
-    for i, k in enumerate(auth.keys):
-        if k.name is not None:
-            if k.name in names:
-                problems.append((f"auth.keys[{i}].name", f"duplicate key name (same as auth.keys[{names[k.name]}].name)"))
-            names.setdefault(k.name, i)
-        for model in k.model_limits:
-            if model not in parts.config.models:
-                problems.append((f"auth.keys[{i}].model_limits", f"unknown model {model!r}"))
-    store = None
-    if auth.keys_from_db:
-        db = parts.extras.get("sql")
-        if db is None:
-            from asgi_llm.stores.sql import SQLDatabase
-
-            db = parts.extras["sql"] = SQLDatabase(parts.config.stores.ledger)
-            parts.resources.append(db)
-            parts.readiness.append(db.ping)
-        store = SQLKeyStore(db)
-    try:
-        ring = KeyRing.from_config(auth, store=store)
-    except ValueError as exc:
-        problems.append(("auth.pepper", str(exc)))
-    if problems:
-        raise ConfigError(problems)
-    parts.resources.append(ring)
-    parts.extras["keyring"] = ring
-    parts.admin_routes.extend(key_routes(ring, model_names=parts.router.model_names()))
-    return lambda app: AuthMiddleware(app, keys=ring)

@@ -7,12 +7,12 @@ For ``chat``, ``completions`` and ``embeddings`` requests:
 
 1. Read the client's controls and the policy; a request that is not cacheable (policy
    off, not deterministic, ``no-cache`` + ``no-store``) passes through as ``BYPASS``.
-2. Key it (:func:`~asgi_llm.cache.keys.make_key`): the canonical request minus fields
+2. Key it (:func:`~asgi_llm.cache.cache_key.make_key`): the canonical request minus fields
    that never change the answer, partitioned by org (or org + key) and by the public
    model's target set.
 3. **Hit**: answer from the entry without calling anything inside -- JSON, or replayed
    as SSE for a streamed request -- with ``x-asgi-llm-cache: HIT``, the key's hash and
-   ``age``; ``ctx.usage`` and ``ctx.state["cache_hit"]`` tell the usage layer what was
+   ``age``; ``ctx.usage`` and ``ctx.cache_hit`` tell the usage layer what was
    saved.
 4. **Miss**: ``x-asgi-llm-cache: MISS``; the inner app answers and every message passes
    through untouched as it is sent (a stream is never held back). A stream is assembled
@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,18 +43,17 @@ from asgi_llm._asgi import JSON_HEADERS, SSE_HEADERS, ClientDisconnected, send_b
 from asgi_llm._sse import DONE
 from asgi_llm.cache.capture import ResponseCapture
 from asgi_llm.cache.entry import Entry, is_complete, json_bytes, replay_events
-from asgi_llm.cache.keys import CacheKey, make_key
+from asgi_llm.cache.cache_key import CacheKey, make_key
 from asgi_llm.cache.policy import CachePolicy, Controls, is_deterministic, parse_controls
-from asgi_llm.context import RequestContext, gateway_headers
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.context import CacheHit, RequestContext, gateway_headers
+from asgi_llm.request import ensure_context
 from asgi_llm.stores import StoreError
-from asgi_llm.stores.cache import CacheStore, FlightLockSupport, cache_store_from_url
+from asgi_llm.stores.cache import CacheStore, FlightLockSupport
 
 if TYPE_CHECKING:
     from asgi_llm.routing.router import Router
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["CacheMiddleware", "build_cache_layer"]
+__all__ = ["CacheMiddleware"]
 
 logger = logging.getLogger("asgi_llm")
 
@@ -97,9 +96,9 @@ class CacheMiddleware:
         if not ctx.is_inference:
             await self.app(scope, receive, send)
             return
-        if ctx.state.get("cache_layer"):
+        if ctx.cache_layer_seen:
             raise RuntimeError("CacheMiddleware ran twice for one request: add it once (build_gateway() does).")
-        ctx.state["cache_layer"] = True
+        ctx.cache_layer_seen = True
         controls = parse_controls(scope["headers"], ctx.payload)
         if "cache" in ctx.payload:
             # The LiteLLM-style control object is for us; never forward it upstream.
@@ -182,7 +181,7 @@ class _Responder:
         usage = entry.usage
         ctx.cache_status = "HIT"
         ctx.usage = usage
-        ctx.state["cache_hit"] = {"usage": usage, "route": entry.route, "key": self.key.digest, "age_s": age}
+        ctx.cache_hit = CacheHit(usage=usage, route=entry.route, key=self.key.digest, age_s=age)
         headers = [*gateway_headers(ctx), (b"age", str(int(age)).encode())]
         if not ctx.stream:
             body = json_bytes(entry.response)
@@ -263,19 +262,3 @@ class _Responder:
             await self.mw.store.set(self.key, entry.encode(), ttl_s=self.ttl)
         except StoreError as exc:
             logger.warning("cache store unavailable, answer not stored: %s", exc)
-
-
-def build_cache_layer(parts: BuildParts) -> LayerFactory | None:
-    """The recipe's ``cache:`` section → the cache layer, its store and its admin route."""
-    from asgi_llm.admin.cache import cache_admin_routes
-
-    cfg = parts.config.cache
-    policy = CachePolicy.from_config(cfg)
-    if not policy.may_cache_anything:
-        return None
-    store = cache_store_from_url(parts.config.stores.cache, max_entries=cfg.max_entries, max_bytes=cfg.max_bytes)
-    parts.resources.append(store)
-    parts.extras["cache_store"] = store
-    parts.admin_routes.extend(cache_admin_routes(store))
-    router = parts.router
-    return lambda app: CacheMiddleware(app, store=store, policy=policy, router=router)

@@ -34,9 +34,10 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.providers.base import retry_after_seconds
-from asgi_llm.routing.router import Router, Target
+from asgi_llm.routing.router import Router
+from asgi_llm.targets import Target
 
 __all__ = ["FailoverMiddleware", "FailoverPolicy"]
 
@@ -79,7 +80,6 @@ class FailoverMiddleware:
             return
         plan = self.router.make_plan(ctx, scope["headers"])
         ctx.plan = plan.targets
-        ctx.state["plan"] = plan
         started = False
 
         async def watch_start(message: Message) -> None:

@@ -17,7 +17,7 @@ targets and those of the fallback models it names (``fallbacks``, ``models[]``),
 selectors resolved to the live nodes at their owners' prices, after the rule and
 ``provider`` filters (:meth:`~asgi_llm.routing.router.Router.reachable`). A target with
 no price is billed 0 by the ledger, so it adds 0 to the worst case; it is flagged
-(``ctx.state["quota"]["unpriced_routes"]``, a warning once per route).
+(``ctx.quota.unpriced_routes``, a warning once per route).
 
 Settlement charges **every attempt** (a failed-over one that consumed the prompt, a
 node's, the one that answered) exactly what its ledger row costs
@@ -47,20 +47,20 @@ import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_llm._ids import new_id
-from asgi_llm.config import KeyLimits
+from asgi_llm.auth.limits import KeyLimits
+from asgi_llm.context import QuotaOutcome
 from asgi_llm.errors import RateLimitError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.state import Admission, Limit, LimitStatus, Reservation, StateStore
 from asgi_llm.usage.accounting import Accountant, clamp_charge, estimate_request, total_pico
 from asgi_llm.usage.records import PICO
 
 if TYPE_CHECKING:
-    from asgi_llm.context import Principal, RequestContext
+    from asgi_llm.context import Principal
     from asgi_llm.routing.router import Router
-    from asgi_llm.stack import BuildParts, LayerFactory
 
-__all__ = ["QuotaMiddleware", "build_quota_layer", "format_reset"]
+__all__ = ["QuotaMiddleware", "format_reset"]
 
 logger = logging.getLogger("asgi_llm.quota")
 
@@ -162,7 +162,7 @@ class QuotaMiddleware:
             if self.failure == "open":
                 logger.warning("quota: state store unreachable, admitting without limits (stores.state_failure: open): %s",
                                exc.message)
-                ctx.state["quota"] = "store_unavailable_open"
+                ctx.quota = QuotaOutcome(store_unavailable_open=True)
                 await self.app(scope, receive, send)
                 return
             raise StoreError(
@@ -181,8 +181,8 @@ class QuotaMiddleware:
             charges = self.accountant.charges(ctx)
             tokens = sum(c.usage.prompt_tokens + c.usage.completion_tokens for c in charges)
             spend = clamp_charge(total_pico(charges))
-            ctx.state["quota"] = {"reserved_tokens": prompt_est + completion_cap, "reserved_spend_pico_usd": spend_est,
-                                  "tokens": tokens, "spend_pico_usd": spend, "unpriced_routes": unpriced}
+            ctx.quota = QuotaOutcome(reserved_tokens=prompt_est + completion_cap, reserved_spend_pico_usd=spend_est,
+                                     tokens=tokens, spend_pico_usd=spend, unpriced_routes=unpriced)
             if self._shield_settle:
                 with anyio.move_on_after(self.settle_timeout_s, shield=True):
                     await self._settle(reservation, tokens, spend)
@@ -312,36 +312,3 @@ def _refusal(admission: Admission) -> RateLimitError:
                    f"used {_usd(status.used)}, this request may cost up to {_usd(lim.cost)}. {retry}")
     return RateLimitError(message, code=code, headers={"retry-after": str(wait),
                                                        "retry-after-ms": str(max(1, math.ceil(admission.retry_after_s * 1000)))})
-
-
-def build_quota_layer(parts: BuildParts) -> LayerFactory | None:
-    """The recipe's limits → a quota layer on ``stores.state``.
-
-    On when auth is configured (keys may carry limits, stored ones included) or
-    ``limits.org`` sets any limit. The state store is shared through
-    ``parts.extras["state"]`` (routing reuses it).
-    """
-    from asgi_llm.stores.state import state_store_from_url
-    from asgi_llm.usage.accounting import shared_accountant
-
-    config = parts.config
-    org = config.limits.org
-    org_limits = org if any(v is not None for v in org.model_dump().values()) else None
-    if not (config.auth.admin_keys or config.auth.keys or org_limits is not None):
-        return None
-    store = parts.extras.get("state")
-    if store is None:
-        store = parts.extras["state"] = state_store_from_url(config.stores.state)
-        parts.resources.append(store)
-    if config.stores.state_failure == "closed":  # failing open, a store outage does not make us unready
-        parts.readiness.append(store.ping)
-    return lambda app: QuotaMiddleware(
-        app,
-        store=store,
-        router=parts.router,
-        org_limits=org_limits,
-        failure=config.stores.state_failure,
-        default_max_tokens=config.limits.default_max_tokens,
-        lease_s=config.server.request_timeout_s + 60,
-        accountant=shared_accountant(parts),
-    )

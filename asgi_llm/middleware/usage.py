@@ -20,28 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Collection
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_llm.context import Attempt, RequestContext, Usage
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.context import RequestContext
+from asgi_llm.request import ensure_context
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.usage.accounting import Accountant, Charge, PromptEstimator, Pricer, Seen, count_content_pieces, estimate_prompt_chars
-from asgi_llm.usage.records import LedgerRow, bounded
+from asgi_llm.usage.records import LedgerRow
 
 if TYPE_CHECKING:
     from asgi_llm.observability.metrics import GatewayMetrics
     from asgi_llm.observability.tracing import GatewayTracer
-    from asgi_llm.routing.router import Router, Target
-    from asgi_llm.stack import BuildParts, LayerFactory
+    from asgi_llm.routing.router import Router
+    from asgi_llm.targets import Target
 
-__all__ = ["UsageMiddleware", "build_usage_layer", "prompt_hash"]
+__all__ = ["UsageMiddleware", "prompt_hash"]
 
 log = logging.getLogger("asgi_llm.usage")
 _PROMPT_TEXT_MAX = 4000
@@ -177,13 +175,9 @@ class UsageMiddleware:
         )
 
     def _cache_row(self, ctx: RequestContext, base: dict[str, Any], seen: Seen) -> LedgerRow:
-        hit = ctx.state.get("cache_hit") or {}
-        usage = hit.get("usage")
-        if isinstance(usage, dict):
-            usage = Usage.from_openai(usage)
-        if not isinstance(usage, Usage):
-            usage = ctx.usage
-        route = str(hit.get("route") or "")
+        hit = ctx.cache_hit
+        usage = hit.usage if hit is not None and hit.usage is not None else ctx.usage
+        route = (hit.route if hit is not None else None) or ""
         usage = self.accountant.replayed_usage(ctx, usage, route, seen)
         target = self.accountant.find_target(ctx, route)
         provider, _, upstream_model = route.partition("/")
@@ -202,89 +196,3 @@ def _node(target: Target | None, provider: str) -> str | None:
     if isinstance(node, str) and node:
         return node
     return provider[5:] if provider.startswith("node:") else None
-
-
-# ---------------------------------------------------------------------- builder
-
-
-def default_spill_dir(ledger_url: str) -> Path:
-    """``<tmp>/asgi-llm-spill/<hash of the ledger URL>``: the same for every process
-    writing to one ledger on this machine, so a restart replays what a previous one spilled."""
-    return Path(tempfile.gettempdir()) / "asgi-llm-spill" / hashlib.sha256(ledger_url.encode()).hexdigest()[:16]
-
-
-def _memory_ledger(ledger_url: str) -> bool:
-    """An in-memory SQLite ledger: nothing outlives the process, so no journal to replay."""
-    return ledger_url.startswith("sqlite") and (":memory:" in ledger_url or ledger_url.rstrip("/") in ("sqlite:", "sqlite+pysqlite:"))
-
-
-def config_writer(parts: BuildParts, name: str, *, sink: Any, encode: Any, decode: Any, normalise: Any = None,
-                  substitute: Any = None) -> Any:
-    """A :class:`~asgi_llm.usage.writer.BatchWriter` with the recipe's ``usage:`` queue
-    settings, registered as a gateway resource (the ledger and the audit log share them).
-    Rows the database refuses go to the shared quarantine (:func:`shared_quarantine`)."""
-    from asgi_llm.usage.writer import BatchWriter
-
-    cfg = parts.config.usage
-    quarantine = shared_quarantine(parts)
-    writer: BatchWriter[Any] = BatchWriter(
-        name, sink=sink, encode=encode, decode=decode,
-        spill_dir=cfg.spill_dir or default_spill_dir(parts.config.stores.ledger), queue_max=cfg.queue_max,
-        batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s, shutdown_timeout_s=cfg.shutdown_timeout_s,
-        normalise=normalise, quarantine=quarantine.add, substitute=substitute,
-        journal=not _memory_ledger(parts.config.stores.ledger),  # a crash journal needs a ledger that outlives the process
-    )
-    parts.resources.append(writer)
-    parts.extras.setdefault("writers", []).append(writer)
-    return writer
-
-
-def shared_quarantine(parts: BuildParts) -> Any:
-    """The quarantine store (on ``stores.ledger``), created once, with its admin route."""
-    store = parts.extras.get("quarantine_store")
-    if store is None:
-        from asgi_llm.admin.quarantine import quarantine_routes
-        from asgi_llm.usage.quarantine import SQLQuarantineStore
-
-        store = parts.extras["quarantine_store"] = SQLQuarantineStore(shared_sql(parts))
-        parts.admin_routes.extend(quarantine_routes(store, parts.extras.setdefault("writers", [])))
-    return store
-
-
-def shared_sql(parts: BuildParts) -> Any:
-    """The gateway's SQLDatabase (``stores.ledger``), created once and opened at startup."""
-    db = parts.extras.get("sql")
-    if db is None:
-        from asgi_llm.stores.sql import SQLDatabase
-
-        db = parts.extras["sql"] = SQLDatabase(parts.config.stores.ledger)
-        parts.resources.append(db)
-        parts.readiness.append(db.ping)
-    return db
-
-
-def build_usage_layer(parts: BuildParts) -> LayerFactory | None:
-    """``usage.enabled`` → the ledger writer (a resource), admin usage routes, the layer."""
-    cfg = parts.config.usage
-    if not cfg.enabled:
-        return None
-    from asgi_llm.admin.usage import usage_routes
-    from asgi_llm.observability.middleware import shared_observability
-    from asgi_llm.usage.accounting import shared_accountant
-    from asgi_llm.usage.store import SQLLedgerStore
-
-    db = shared_sql(parts)
-    store = SQLLedgerStore(db)
-    writer = config_writer(parts, "ledger", sink=store.insert_many, encode=LedgerRow.to_json, decode=LedgerRow.from_json,
-                           normalise=bounded)
-    parts.extras["ledger_store"] = store
-    parts.extras["ledger_writer"] = writer
-    metrics, tracer = shared_observability(parts)
-    if metrics is not None:
-        metrics.watch_writer(writer)
-    accountant = shared_accountant(parts)
-    parts.admin_routes.extend(usage_routes(store, writer))
-    return lambda app: UsageMiddleware(
-        app, sink=writer.put, accountant=accountant, metrics=metrics, tracer=tracer,
-        prompt_content_orgs=cfg.prompt_content_orgs,
-    )

@@ -61,7 +61,7 @@ from asgi_llm.providers.base import Timeouts
 from asgi_llm.providers.http import REQUEST_ID_HEADER
 from asgi_llm.providers.openai import OpenAIAdapter
 from asgi_llm.providers.transport import TransportName, make_transport
-from asgi_llm.routing.router import NodeTargets, Price, Target
+from asgi_llm.targets import NodeTargets, Price, Target
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup

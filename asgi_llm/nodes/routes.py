@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from asgi_llm.context import gateway_headers
 from asgi_llm.schemas import parse_json_object
-from asgi_llm.middleware.auth import presented_key
+from asgi_llm.auth.presented import presented_key
 
 if TYPE_CHECKING:
     from asgi_llm.nodes.service import NodeService
@@ -60,9 +60,9 @@ def node_routes(service: NodeService) -> list[BaseRoute]:
         service.registry.policy.learn_self(request.scope.get("server"))
         record = await service.authenticate(presented_key(request.scope))
         ctx = request.scope["asgi_llm"]
-        ctx.state["audit_target"] = record.id
+        ctx.audit_target = record.id
         detail: dict[str, Any] = {}
-        ctx.state["audit_detail"] = detail
+        ctx.audit_detail = detail
         return _respond(request, await service.register(record, await _json(request), audit=detail))
 
     async def rotate(request: Request) -> JSONResponse:

@@ -10,7 +10,7 @@ node's own ``node:<name>@<org>/<model>``.
 
 from __future__ import annotations
 
-from asgi_llm.routing.router import NodeTargets
+from asgi_llm.targets import NodeTargets
 
 __all__ = ["NodeSelector"]
 

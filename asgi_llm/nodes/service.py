@@ -14,7 +14,7 @@ import hmac
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asgi_llm._redact import redact_url
 from asgi_llm.errors import AuthenticationError, InvalidRequestError, NotFoundError
@@ -33,7 +33,6 @@ from asgi_llm.nodes.records import (
 )
 
 if TYPE_CHECKING:
-    from asgi_llm.config import NodesConfig
     from asgi_llm.nodes.registry import NodeRegistry
     from asgi_llm.nodes.store import SQLNodeStore
 
@@ -49,6 +48,15 @@ def _token_error(problem: str) -> AuthenticationError:
         "expired": "This enrollment token has expired; ask an admin for a new one.",
     }.get(problem, "Unknown enrollment token.")
     return AuthenticationError(message, code=f"enrollment_token_{problem}")
+
+
+class NodeOptions(Protocol):
+    """What the service reads of the recipe's ``nodes`` section."""
+
+    token_ttl_s: float
+    max_token_ttl_s: float
+    heartbeat_interval_s: float
+    heartbeat_window_s: float
 
 
 class NodeConflictError(InvalidRequestError):
@@ -69,7 +77,7 @@ class NodeService:
         clock: seconds since the epoch.
     """
 
-    def __init__(self, store: SQLNodeStore, registry: NodeRegistry, config: NodesConfig, *,
+    def __init__(self, store: SQLNodeStore, registry: NodeRegistry, config: NodeOptions, *,
                  reserved_names: set[str] | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.registry = registry

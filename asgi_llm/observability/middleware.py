@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_llm._asgi import ClientDisconnected
 from asgi_llm.errors import GatewayError
-from asgi_llm.middleware.context import ensure_context
+from asgi_llm.request import ensure_context
 from asgi_llm.observability import logs
 from asgi_llm.observability.logs import LogBinding
 from asgi_llm.observability.metrics import CONTENT_TYPE, GatewayMetrics
@@ -92,8 +92,6 @@ class ObservabilityMiddleware:
             raise
         finally:
             elapsed = time.perf_counter() - t0
-            if error is None and ctx.state.get("stream_error"):
-                error = str(ctx.state["stream_error"])
             if error is None and status >= 400:
                 error = str(status)
             if in_flight is not None:
@@ -112,30 +110,3 @@ class ObservabilityMiddleware:
                                prompt_tokens=ctx.usage.prompt_tokens if ctx.usage else None,
                                completion_tokens=ctx.usage.completion_tokens if ctx.usage else None)
             self._binding.unbind(tokens)
-
-
-# ---------------------------------------------------------------------- builder
-
-
-def shared_observability(parts: Any) -> tuple[GatewayMetrics | None, GatewayTracer | None]:
-    """The gateway's metrics and tracer (per ``observability`` in the recipe), made once."""
-    if "observability" not in parts.extras:
-        cfg = parts.config.observability
-        metrics = GatewayMetrics(models=parts.config.models) if cfg.metrics else None
-        tracer = GatewayTracer() if cfg.otel else None
-        parts.extras["observability"] = (metrics, tracer)
-        if metrics is not None:
-            parts.extras["metrics"] = metrics
-    return parts.extras["observability"]  # type: ignore[no-any-return]
-
-
-def build_observability_layer(parts: Any) -> Any:
-    """Log binding, request spans and ``/metrics`` (see ``observability`` in the recipe)."""
-    cfg = parts.config.observability
-    if cfg.log_json:
-        from asgi_llm.observability.logs import configure_logging
-
-        configure_logging(json=True)
-    metrics, tracer = shared_observability(parts)
-    logs.prepare()
-    return lambda app: ObservabilityMiddleware(app, metrics=metrics, tracer=tracer, log_requests=cfg.log_json)

@@ -30,9 +30,9 @@ from asgi_llm.errors import (
 
 if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
-    from asgi_llm.providers.keys import KeyPool
+    from asgi_llm.providers.key_pool import KeyPool
     from asgi_llm.providers.transport import UpstreamResponse
-    from asgi_llm.routing.router import Target
+    from asgi_llm.targets import Target
 
 __all__ = [
     "Chunk",

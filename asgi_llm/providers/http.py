@@ -5,16 +5,13 @@ how a key is presented, and implement ``send``."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from asgi_llm._timeout import fail_after
 from asgi_llm.errors import UpstreamError
 from asgi_llm.providers.base import Timeouts
-from asgi_llm.providers.keys import KeyPool
+from asgi_llm.providers.key_pool import KeyHealth, KeyPool
 from asgi_llm.providers.transport import UpstreamTransport, make_transport
-
-if TYPE_CHECKING:
-    from asgi_llm.routing.health import HealthTracker
 
 __all__ = ["REQUEST_ID_HEADER", "USER_AGENT", "HTTPAdapter"]
 
@@ -55,7 +52,7 @@ class HTTPAdapter:
         headers: Mapping[str, str] | None = None,
         transport: UpstreamTransport | None = None,
         max_connections: int = 256,
-        health: HealthTracker | None = None,
+        health: KeyHealth | None = None,
         request_id_header: str | None = REQUEST_ID_HEADER,
     ) -> None:
         self.name = name

@@ -22,7 +22,7 @@ from asgi_llm.providers.http import HTTPAdapter
 
 if TYPE_CHECKING:
     from asgi_llm.context import RequestContext
-    from asgi_llm.routing.router import Target
+    from asgi_llm.targets import Target
 
 __all__ = ["GATEWAY_ONLY_FIELDS", "OpenAIAdapter"]
 

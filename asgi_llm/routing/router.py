@@ -31,66 +31,20 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from asgi_llm.errors import InvalidRequestError, ModelNotFoundError, RateLimitError, ServiceUnavailableError
+from asgi_llm.targets import NodeTargets, Price, Target
 from asgi_llm.usage.accounting import Accountant, estimate_request
 
 if TYPE_CHECKING:
-    from asgi_llm.config import RoutingRule
+    from asgi_llm.routing.rules import RoutingRule
     from asgi_llm.context import RequestContext
     from asgi_llm.routing.health import HealthTracker
 
 __all__ = ["STRATEGIES", "ModelRoute", "NodeResolver", "NodeTargets", "Plan", "Price", "Router", "Target"]
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    """USD per one million tokens."""
-
-    input: Decimal
-    output: Decimal
-    cached_input: Decimal | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One place a public model can be served: a provider and its model name there."""
-
-    provider: str
-    model: str
-    price: Price | None = None
-    weight: float = 1.0
-    context_window: int | None = None
-    prefill: bool = True
-    kind: str = "provider"  # "provider" | "node"
-    route: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "route", f"{self.provider}/{self.model}")
-
-
-@dataclass(frozen=True, slots=True)
-class NodeTargets:
-    """A recipe target ``{nodes: <selector>, model: ...}``: whichever enrolled nodes match
-    at request time. The router's :data:`NodeResolver` expands it into node
-    :class:`Target` s (``kind="node"``) for the caller's org."""
-
-    selector: str
-    model: str
-    price: Price | None = None
-    weight: float = 1.0
-    context_window: int | None = None
-    prefill: bool = True
-
-    @property
-    def route(self) -> str:
-        """A name for the selector where a route name is expected (cache keys, price
-        lookups): ``nodes:<selector>/<model>`` — never a real target's route."""
-        return f"nodes:{self.selector}/{self.model}"
-
-
 _AUTO_MAX = 10_000  # auto-routed names remembered (a bound: names come from nodes)
 
 NodeResolver = Callable[["NodeTargets", "RequestContext"], list[Target]]
-_NODES_MEMO = "router.nodes"  # ctx.state: node selector id → the nodes it resolved to for this request
 """Expands a :class:`NodeTargets` into the live node targets the caller may use."""
 
 
@@ -230,7 +184,7 @@ class Router:
         self.extra_load = extra_load
         self.accountant = accountant or Accountant(router=self)
         self.auto_models: Callable[[str | None], set[str]] | None = None
-        """Point-and-enroll (set by ``asgi_llm.nodes.build`` unless ``nodes.auto_models: false``):
+        """Point-and-enroll (set by ``asgi_llm.recipe.nodes`` unless ``nodes.auto_models: false``):
         the model names online nodes advertise — routable for ``org`` (``None``: for anyone).
         A name the recipe maps is never auto-routed; see :meth:`_auto_route`."""
         self._auto: dict[str, ModelRoute] = {}
@@ -245,7 +199,7 @@ class Router:
         for t in targets:
             if isinstance(t, NodeTargets):
                 if self.node_resolver is not None:
-                    memo = ctx.state.setdefault(_NODES_MEMO, {})
+                    memo = ctx.node_choices
                     found = memo.get(id(t))
                     if found is None:
                         found = memo[id(t)] = self.node_resolver(t, ctx)

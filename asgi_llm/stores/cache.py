@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from asgi_llm._timeout import fail_after
-from asgi_llm.cache.keys import CacheKey
+from asgi_llm.cache.cache_key import CacheKey
 from asgi_llm.stores import StoreError
 
 if TYPE_CHECKING:

@@ -50,14 +50,21 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asgi_llm.context import Usage
+from asgi_llm.schemas import ChatCompletionRequest
+from asgi_llm.targets import Price, Target
 from asgi_llm.usage.records import PICO, to_pico
 
 if TYPE_CHECKING:
     from asgi_llm.context import Attempt, RequestContext
-    from asgi_llm.routing.router import Price, Router, Target
+
+
+class ModelTable(Protocol):
+    """What the accountant needs of the router: a public model's recipe targets."""
+
+    def get(self, name: str) -> Any: ...
 
 __all__ = [
     "Accountant",
@@ -82,7 +89,6 @@ __all__ = [
     "estimate_prompt_words",
     "estimate_request",
     "plausible_usage",
-    "shared_accountant",
     "total_pico",
 ]
 
@@ -150,9 +156,16 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def completion_cap(payload: Mapping[str, Any]) -> int | None:
+def completion_cap(payload: Mapping[str, Any], request: Any = None) -> int | None:
     """The completion tokens the request allows (``max_completion_tokens`` or
-    ``max_tokens``, × ``n``), or None when it sets no cap."""
+    ``max_tokens``, × ``n``), or None when it sets no cap.
+
+    A validated chat request (``ctx.request``) is read as is: its fields are already
+    positive ints or None. Otherwise the raw payload is checked by hand.
+    """
+    if isinstance(request, ChatCompletionRequest):
+        typed = request.max_completion_tokens or request.max_tokens
+        return None if typed is None else typed * (request.n or 1)
     cap = payload.get("max_completion_tokens")
     if not _positive_int(cap):
         cap = payload.get("max_tokens")
@@ -168,7 +181,7 @@ def estimate_request(ctx: RequestContext, default_max_tokens: int = 4096) -> tup
     prompt = math.ceil(len(ctx.body) / 4)
     if ctx.endpoint == "embeddings":
         return prompt, 0
-    cap = completion_cap(ctx.payload)
+    cap = completion_cap(ctx.payload, ctx.request)
     if cap is None:
         n = ctx.payload.get("n")
         cap = default_max_tokens * (int(n) if _positive_int(n) else 1)
@@ -248,7 +261,7 @@ def plausible_usage(usage: Usage, ctx: RequestContext, *, answer_size: int, hidd
     completion. Called where an attempt's reported usage is recorded.
     """
     prompt_max = len(ctx.body) + PROMPT_SLACK + PART_TOKENS * _media_parts(ctx.payload)
-    cap = completion_cap(ctx.payload) if ctx.endpoint != "embeddings" else 0
+    cap = completion_cap(ctx.payload, ctx.request) if ctx.endpoint != "embeddings" else 0
     hidden = min(usage.reasoning_tokens, HIDDEN_TOKENS_MAX, cap if cap is not None else HIDDEN_TOKENS_MAX) if hidden_ok else 0
     completion_max = answer_size + hidden + USAGE_SLACK
     if cap is not None:
@@ -416,7 +429,6 @@ class Seen:
         return self.stream_bytes
 
 
-_CHARGES = "accounting.charges"
 
 
 class Accountant:
@@ -433,7 +445,7 @@ class Accountant:
         >>> acct.reservation([target], prompt=100, completion=50)  # pico-USD
     """
 
-    def __init__(self, pricer: Pricer | None = None, *, router: Router | None = None,
+    def __init__(self, pricer: Pricer | None = None, *, router: ModelTable | None = None,
                  prompt_estimator: PromptEstimator = estimate_prompt_chars, default_max_tokens: int = 4096) -> None:
         self.pricer = pricer or Pricer()
         self.router = router
@@ -544,9 +556,9 @@ class Accountant:
         """One :class:`Charge` per attempt, computed once per request: the ledger (which
         knows what reached the client, ``seen``) computes them first, the quota layer's
         settlement reuses them, so both bill the same amounts."""
-        cached = ctx.state.get(_CHARGES)
+        cached = ctx.charges
         if cached is not None and len(cached) == len(ctx.attempt_log):
-            return cached  # type: ignore[no-any-return]
+            return cached
         out: list[Charge] = []
         log = ctx.attempt_log
         for a in log:
@@ -556,7 +568,7 @@ class Accountant:
             # A cost that is not a finite number (a price that could not be applied) bills
             # nothing here; the ledger keeps the row with cost 0, flagged cost_invalid.
             out.append(Charge(a, target, usage, q.cost, to_pico(q.cost) if q.cost.is_finite() else 0, q.source))
-        ctx.state[_CHARGES] = out
+        ctx.charges = out
         return out
 
     def attempt_usage(self, ctx: RequestContext, a: Attempt, *, is_last: bool, seen: Seen | None) -> Usage:
@@ -603,23 +615,6 @@ class Accountant:
         if self.prompt_estimator is ESTIMATORS["words"]:
             return len(text.split())
         return -(-_utf8_len(text) // 4)
-
-
-def shared_accountant(parts: Any) -> Accountant:
-    """The gateway's :class:`Accountant` (``usage.prices`` overrides, the prompt
-    estimator, ``limits.default_max_tokens``), created once and given to the router."""
-    acct = parts.extras.get("accountant")
-    if acct is None:
-        from asgi_llm.routing.router import Price
-
-        cfg = parts.config
-        pricer = Pricer({k: Price(v.input, v.output, v.cached_input) for k, v in cfg.usage.prices.items()})
-        acct = parts.extras["accountant"] = Accountant(
-            pricer, router=parts.router, prompt_estimator=ESTIMATORS[cfg.usage.prompt_estimate],
-            default_max_tokens=cfg.limits.default_max_tokens,
-        )
-        parts.router.accountant = acct
-    return acct  # type: ignore[no-any-return]
 
 
 def clamp_charge(pico: int) -> int:

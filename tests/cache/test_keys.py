@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from asgi_llm.cache.keys import IGNORED_FIELDS, CacheKey, canonical_json, make_key
+from asgi_llm.cache.cache_key import IGNORED_FIELDS, CacheKey, canonical_json, make_key
 
 scalars = st.one_of(
     st.none(),

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from asgi_llm.config import config_from_dict, load_config
-from asgi_llm.middleware.context import _ROUTES
+from asgi_llm.request import _ROUTES
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -218,7 +218,7 @@ class TestLoad:
         done = 0
         try:
             async with gateway_lifespan(gw):
-                writer = gw.extras["ledger_writer"]
+                writer = gw.services.ledger_writer
 
                 async def worker(i: int) -> None:
                     nonlocal done
@@ -241,7 +241,7 @@ class TestLoad:
                         tg.start_soon(restarter)
                 with anyio.fail_after(60):
                     await writer.flush()
-                store = gw.extras["ledger_store"]
+                store = gw.services.ledger_store
                 attempts = await store.report(group_by=[])
                 if restart:
                     assert writer.stats["failures"] > 0  # the restart was felt …

@@ -94,7 +94,7 @@ class TestRequestIdHeader:
             "stores": {"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"},
             "nodes": {"request_id_header": "X-Node-Trace"},
         }, environ={})
-        assert build_gateway(cfg).extras["nodes"].registry.request_id_header == "x-node-trace"
+        assert build_gateway(cfg).services.nodes.registry.request_id_header == "x-node-trace"
 
 
 class TestEmptyUpstreamError:

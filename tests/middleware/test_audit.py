@@ -27,7 +27,7 @@ def app_raising(exc: Exception | None, *, attempts: int = 0) -> Any:
         ctx.attempts = attempts
         if exc is not None:
             raise exc
-        ctx.state["audit_target"] = "key_123"
+        ctx.audit_target = "key_123"
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 

@@ -169,8 +169,8 @@ class TestHitAndMiss:
         assert upstream_calls(upstream_a) == 1
         hit = seen[-1]
         assert hit.cache_status == "HIT" and hit.usage is not None and hit.usage.completion_tokens == len(EXPECTED.split())
-        assert hit.state["cache_hit"]["route"] == "provider-a/gpt-4o-mini"
-        assert hit.state["cache_hit"]["usage"] == hit.usage and not hit.attempt_log
+        assert hit.cache_hit.route == "provider-a/gpt-4o-mini"
+        assert hit.cache_hit.usage == hit.usage and not hit.attempt_log
 
     async def test_stream_miss_then_stream_hit(self, make: Make, upstream_a: FakeUpstreamHandle) -> None:
         """A streamed miss passes chunk by chunk; the replayed hit has the same content, one start, [DONE]."""
@@ -491,13 +491,13 @@ class TestComposition:
             await call(app, body=CHAT)
 
     async def test_build_gateway_wires_the_layer(self, anyio_backend: str) -> None:
-        """A recipe with the cache on gets the layer, its store in extras and the purge route; off gets none."""
+        """A recipe with the cache on gets the layer, its store in services and the purge route; off gets none."""
         from asgi_llm.config import config_from_dict
         from asgi_llm.stack import build_gateway
 
         base = {"providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}}, "models": {"chat": {"targets": [{"provider": "a", "model": "m"}]}}}
         on = build_gateway(config_from_dict({**base, "cache": {"enabled": False, "models": {"chat": {"enabled": True}}}}, environ={}))
-        assert isinstance(on.extras["cache_store"], MemoryCacheStore)
+        assert isinstance(on.services.cache_store, MemoryCacheStore)
         off = build_gateway(config_from_dict(base, environ={}))
-        assert "cache_store" not in off.extras
+        assert off.services.cache_store is None
         assert not isinstance(MemoryCacheStore(), FlightLockSupport)

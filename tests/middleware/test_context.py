@@ -218,6 +218,19 @@ class TestHostileJson:
         err = rec.json()["error"]
         assert err["code"] == "invalid_json" and words in err["message"]
 
+    @pytest.mark.parametrize(("raw", "param"), [
+        (b'{"model":"chat","seed":99999999999999999999}', "seed"),
+        (b'{"model":"chat","messages":[{"role":"user","content":"hi"},{"n":-99999999999999999999}]}', "messages[1].n"),
+        (b'{"model":"chat","metadata":{"a":{"b":[1,99999999999999999999]}}}', "metadata.a.b[1]"),
+    ])
+    async def test_an_integer_past_64_bits_is_named_by_its_field(self, raw: bytes, param: str) -> None:
+        """The refusal says where the number is, as a schema error would (``param``)."""
+        rec = await call(stack(), body=raw)
+        assert rec.status == 400, rec.body
+        err = rec.json()["error"]
+        assert err["code"] == "invalid_json" and "64-bit" in err["message"]
+        assert err["param"] == param
+
     async def test_valid_unicode_and_big_but_sane_values_pass(self) -> None:
         """Surrogate pairs (emoji), Korean text, 63 levels, int64 and 1e308 are fine."""
         body = {"model": "chat", "messages": [{"role": "user", "content": "😀 한국어"}],

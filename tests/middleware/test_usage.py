@@ -84,8 +84,8 @@ async def chat(gw: Gateway, key: str = TEAM_A, **body: Any) -> Recorded:
 
 
 async def rows(gw: Gateway) -> list[dict[str, Any]]:
-    await gw.extras["ledger_writer"].flush()
-    return await gw.extras["ledger_store"].rows()  # type: ignore[no-any-return]
+    await gw.services.ledger_writer.flush()
+    return await gw.services.ledger_store.rows()  # type: ignore[no-any-return]
 
 
 def billed(*ups: FakeUpstreamHandle) -> tuple[int, int]:
@@ -203,7 +203,7 @@ class TestUsageAdmin:
         await chat(gw)
         await chat(gw, model="chat-b")
         await chat(gw, key=TEAM_B)
-        await gw.extras["ledger_writer"].flush()
+        await gw.services.ledger_writer.flush()
 
     async def test_report_json(self, gw: Gateway) -> None:
         """GET /admin/usage groups by the requested columns."""

@@ -8,7 +8,6 @@ output is validated as the official openai SDK's own types.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from asgi_llm.providers.anthropic import AnthropicAdapter, to_anthropic_request
 from asgi_llm.routing.router import ModelRoute, Router, Target
 from asgi_llm.stack import compose, gateway_lifespan
+from asgi_llm.testing.transport import RecordingTransport
 from tests.harness import call
 
 pytestmark = pytest.mark.anyio
@@ -63,43 +63,6 @@ TOOL_STREAM = sse([
     ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 20}}),
     ("message_stop", {"type": "message_stop"}),
 ])
-
-
-class _Headers(dict):  # case-insensitive enough for the adapter's lookups
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(key.lower(), default)
-
-
-class _Response:
-    def __init__(self, status: int, body: bytes, content_type: str) -> None:
-        self.status = status
-        self.headers = _Headers({"content-type": content_type})
-        self._body = body
-
-    async def read(self) -> bytes:
-        return self._body
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self._body), 37):  # arbitrary piece boundaries, as on a network
-            yield self._body[i:i + 37]
-
-    async def aclose(self) -> None:
-        pass
-
-
-class RecordingTransport:
-    """Answers with recorded bytes and keeps what it was sent."""
-
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.answer = (status, body, content_type)
-
-    async def send(self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None) -> _Response:
-        self.requests.append({"method": method, "url": url, "headers": dict(headers), "json": json.loads(body) if body else None})
-        return _Response(*self.answer)
-
-    async def aclose(self) -> None:
-        pass
 
 
 def gateway_for(transport: RecordingTransport):  # type: ignore[no-untyped-def]
@@ -151,7 +114,7 @@ class TestRequestTranslation:
 class TestThroughTheGateway:
     async def test_non_stream(self, anyio_backend: str) -> None:
         """A Messages API answer becomes a valid chat.completion with mapped usage and headers sent upstream."""
-        transport = RecordingTransport(200, json.dumps(TEXT_MESSAGE).encode())
+        transport = RecordingTransport.answering(200, json.dumps(TEXT_MESSAGE).encode())
         gw = gateway_for(transport)
         async with gateway_lifespan(gw):
             rec = await call(gw, body={"model": "claude", "messages": [{"role": "user", "content": "hi"}]})
@@ -167,7 +130,7 @@ class TestThroughTheGateway:
 
     async def test_tool_use_non_stream(self, anyio_backend: str) -> None:
         """tool_use blocks become tool_calls with JSON arguments; stop_reason tool_use → tool_calls."""
-        gw = gateway_for(RecordingTransport(200, json.dumps(TOOL_MESSAGE).encode()))
+        gw = gateway_for(RecordingTransport.answering(200, json.dumps(TOOL_MESSAGE).encode()))
         async with gateway_lifespan(gw):
             rec = await call(gw, body={"model": "claude", "messages": [{"role": "user", "content": "weather?"}]})
         completion = ChatCompletion.model_validate(rec.json())
@@ -178,7 +141,7 @@ class TestThroughTheGateway:
 
     async def test_text_stream(self, anyio_backend: str) -> None:
         """The event stream becomes OpenAI chunks: role, text deltas, finish, usage (when asked), [DONE]."""
-        gw = gateway_for(RecordingTransport(200, TEXT_STREAM, "text/event-stream"))
+        gw = gateway_for(RecordingTransport.answering(200, TEXT_STREAM, "text/event-stream"))
         async with gateway_lifespan(gw):
             rec = await call(gw, body={"model": "claude", "messages": [{"role": "user", "content": "hi"}], "stream": True,
                                        "stream_options": {"include_usage": True}})
@@ -192,7 +155,7 @@ class TestThroughTheGateway:
 
     async def test_tool_stream(self, anyio_backend: str) -> None:
         """Streamed tool_use becomes tool-call deltas whose arguments join to the JSON input."""
-        gw = gateway_for(RecordingTransport(200, TOOL_STREAM, "text/event-stream"))
+        gw = gateway_for(RecordingTransport.answering(200, TOOL_STREAM, "text/event-stream"))
         async with gateway_lifespan(gw):
             rec = await call(gw, body={"model": "claude", "messages": [{"role": "user", "content": "w?"}], "stream": True})
         chunks = [ChatCompletionChunk.model_validate(json.loads(d)) for d in rec.sse_data()[:-1]]
@@ -205,7 +168,7 @@ class TestThroughTheGateway:
     async def test_overloaded_is_retryable_502(self, anyio_backend: str) -> None:
         """Anthropic's 529 overloaded_error maps to a retryable upstream error (502)."""
         body = json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}).encode()
-        gw = gateway_for(RecordingTransport(529, body))
+        gw = gateway_for(RecordingTransport.answering(529, body))
         async with gateway_lifespan(gw):
             rec = await call(gw, body={"model": "claude", "messages": [{"role": "user", "content": "hi"}]})
         assert rec.status == 502 and "Overloaded" in rec.json()["error"]["message"]
@@ -214,14 +177,14 @@ class TestThroughTheGateway:
         """An error event before any content is a clean HTTP error, not a 200 stream."""
         stream = sse([("message_start", {"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}}),
                       ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})])
-        gw = gateway_for(RecordingTransport(200, stream, "text/event-stream"))
+        gw = gateway_for(RecordingTransport.answering(200, stream, "text/event-stream"))
         async with gateway_lifespan(gw):
             rec = await call(gw, body={"model": "claude", "messages": [{"role": "user", "content": "hi"}], "stream": True})
         assert rec.status == 502
 
     async def test_embeddings_refused_clearly(self, anyio_backend: str) -> None:
         """An Anthropic target asked for embeddings explains itself instead of sending nonsense."""
-        adapter = AnthropicAdapter("anthropic", base_url="https://x/v1", transport=RecordingTransport(200, b"{}"))
+        adapter = AnthropicAdapter("anthropic", base_url="https://x/v1", transport=RecordingTransport.answering(200, b"{}"))
         gw = compose(providers={"anthropic": adapter}, router=Router([ModelRoute("e", (Target("anthropic", "claude"),))]))
         async with gateway_lifespan(gw):
             rec = await call(gw, path="/v1/embeddings", body={"model": "e", "input": "x"})

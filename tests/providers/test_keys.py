@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asgi_llm.providers.keys import KeyPool, KeysExhaustedError
+from asgi_llm.providers.key_pool import KeyPool, KeysExhaustedError
 from asgi_llm.routing.health import HealthTracker
 
 

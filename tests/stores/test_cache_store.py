@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from asgi_llm.cache.keys import CacheKey
+from asgi_llm.cache.cache_key import CacheKey
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.cache import (
     CacheStore,

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from asgi_llm.cache.keys import CacheKey
+from asgi_llm.cache.cache_key import CacheKey
 from asgi_llm.stores import StoreError
 from asgi_llm.stores.cache import RedisCacheStore
 from asgi_llm.stores.state import Limit, RedisStateStore

@@ -184,7 +184,7 @@ async def test_gateway_builds_one_redis_client(tmp_path: Path) -> None:
         "nodes": {"allowed_networks": ["127.0.0.1/32"]},
     })
     gateway = build_gateway(config)
-    state = gateway.extras["state"]
+    state = gateway.services.state
     users = [r for r in gateway.resources if isinstance(r, SharedHealth | SharedNodeLiveness)]
     assert len(users) == 2 and all(u.redis is state.redis for u in users)
     assert sum(isinstance(r, RedisStateStore) for r in gateway.resources) == 1

@@ -144,14 +144,15 @@ class TestEverySourceAgrees:
         extra: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
         rec, ctx = await s.chat(model=model, max_tokens=40, **extra)
         assert rec.status == 200
-        quota = ctx.state["quota"]
+        quota = ctx.quota
+        assert quota is not None
         (row,) = s.rows
         assert row.price_source == source and not row.estimated and row.completion_tokens > 0
         if model == "node":
             assert row.route == "node:box/gpt-4o-mini" and row.cost_usd == (row.prompt_tokens * OWNER.input
                                                                              + row.completion_tokens * OWNER.output) / 10**6
-        assert quota["reserved_spend_pico_usd"] >= quota["spend_pico_usd"] > 0
-        assert quota["spend_pico_usd"] == to_pico(row.cost_usd) == await s.spent()
+        assert quota.reserved_spend_pico_usd >= quota.spend_pico_usd > 0
+        assert quota.spend_pico_usd == to_pico(row.cost_usd) == await s.spent()
 
     async def test_failed_over_attempts_are_each_charged(self, stack_factory: Callable[..., Any],
                                                          upstream_a: FakeUpstreamHandle) -> None:
@@ -162,7 +163,7 @@ class TestEverySourceAgrees:
         upstream_a.add_faults({"kind": "status", "status": 503, "message": "busy"})
         rec, ctx = await s.chat(model="two", max_tokens=20)
         assert rec.status == 200 and len(s.rows) == 2
-        assert ctx.state["quota"]["spend_pico_usd"] == sum(to_pico(r.cost_usd) for r in s.rows) == await s.spent()
+        assert ctx.quota.spend_pico_usd == sum(to_pico(r.cost_usd) for r in s.rows) == await s.spent()
 
 
 @pytest.mark.anyio
@@ -191,7 +192,7 @@ class TestReservation:
         prompt, completion = estimate_request(ctx)
         worst = (prompt * PRICEY.input + 10 * PRICEY.output) * 10**6
         assert rec.status == 200 and completion == 10
-        assert ctx.state["quota"]["reserved_spend_pico_usd"] == int(worst)
+        assert ctx.quota.reserved_spend_pico_usd == int(worst)
 
     async def test_unknown_fallback_is_a_404_not_a_free_pass(self, stack_factory: Callable[..., Any]) -> None:
         """A fallback model that does not exist is the router's 404 before anything is reserved."""

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from asgi_llm.providers.base import Timeouts
-from asgi_llm.routing.router import NodeTargets
-
-if TYPE_CHECKING:
-    from asgi_llm.stack import BuildParts
+from asgi_llm.recipe.parts import BuildParts
+from asgi_llm.recipe.schema import ConfigError
+from asgi_llm.targets import NodeTargets
 
 __all__ = ["build_nodes"]
 
@@ -20,14 +17,12 @@ def build_nodes(parts: BuildParts) -> None:
     pepper hashes node secrets). Adds: the registry (a resource), ``/nodes/...`` and
     ``/admin/nodes…`` routes, the router's ``node_resolver`` and ``extra_load``, a
     provider table that finds node adapters, and the ``/nodes/tunnel`` WebSocket handler
-    (``extras["websocket"]``).
+    (``parts.websocket``).
     """
-    from asgi_llm.config import ConfigError
-
     cfg = parts.config.nodes
     has_node_targets = any(isinstance(t, NodeTargets) for name in parts.router.model_names()
                            for t in (parts.router.get(name).targets if parts.router.get(name) else ()))
-    ring = parts.extras.get("keyring")
+    ring = parts.services.keyring
     if not cfg.enabled or ring is None:
         if has_node_targets:
             why = "nodes.enabled is false" if not cfg.enabled else "auth is off (no auth.admin_keys / auth.keys)"
@@ -36,7 +31,6 @@ def build_nodes(parts: BuildParts) -> None:
     if ring.store is None:
         raise ConfigError([("auth.keys_from_db", "BYOI nodes keep their records in stores.ledger; keys_from_db must be true")])
     from asgi_llm.admin.nodes import node_admin_routes
-    from asgi_llm.middleware.usage import shared_sql
     from asgi_llm.nodes.consent import recipe_rules
     from asgi_llm.nodes.netpolicy import NetworkPolicy
     from asgi_llm.nodes.registry import NodeProviders, NodeRegistry
@@ -45,7 +39,7 @@ def build_nodes(parts: BuildParts) -> None:
     from asgi_llm.nodes.store import SQLNodeStore
     from asgi_llm.nodes.tunnel import serve_tunnel
 
-    store = SQLNodeStore(shared_sql(parts))
+    store = SQLNodeStore(parts.sql())
     registry = NodeRegistry(
         store,
         pepper=lambda: ring.pepper,
@@ -64,10 +58,10 @@ def build_nodes(parts: BuildParts) -> None:
         # Replicas share who is alive (direct-mode nodes); see asgi_llm/nodes/shared.py.
         from asgi_llm.nodes.shared import SharedNodeLiveness
 
-        parts.resources.append(SharedNodeLiveness(parts.extras["state"].redis, registry))  # the state store's client
-    parts.extras["nodes"] = service
+        parts.resources.append(SharedNodeLiveness(parts.state_store().redis, registry))  # type: ignore[attr-defined]  # the state store's client
+    parts.services.nodes = service
     parts.node_routes.extend(node_routes(service))
-    parts.admin_routes.extend(node_admin_routes(service, ledger=parts.extras.get("ledger_store")))
+    parts.admin_routes.extend(node_admin_routes(service, ledger=parts.services.ledger_store))
     parts.router.node_resolver = registry.resolve
     if cfg.auto_models:
         parts.router.auto_models = registry.advertised  # point-and-enroll: advertised names become routable
@@ -87,4 +81,4 @@ def build_nodes(parts: BuildParts) -> None:
             await serve_tunnel(scope, receive, send, authenticate=service.try_authenticate,
                                attach=registry.attach_tunnel, detach=registry.detach_tunnel)
 
-        parts.extras["websocket"] = websocket
+        parts.websocket = websocket

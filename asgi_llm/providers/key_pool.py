@@ -9,14 +9,19 @@ its breaker is open, :meth:`KeyPool.pick` raises a 503 that names the provider.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from asgi_llm.errors import UpstreamError
 
-if TYPE_CHECKING:
-    from asgi_llm.routing.health import HealthTracker
+__all__ = ["KeyHealth", "KeyPool", "KeysExhaustedError"]
 
-__all__ = ["KeyPool", "KeysExhaustedError"]
+
+class KeyHealth(Protocol):
+    """What a key pool asks of the breakers (:class:`~asgi_llm.routing.health.HealthTracker`)."""
+
+    def key_usable(self, route: str, key_id: str) -> bool:
+        """Whether ``key_id`` may be used for ``route`` now."""
+        ...
 
 
 class KeysExhaustedError(UpstreamError):
@@ -30,7 +35,7 @@ class KeysExhaustedError(UpstreamError):
 class KeyPool:
     """Round-robin over a provider's keys, skipping the ones health says not to use."""
 
-    def __init__(self, provider: str, keys: Sequence[str], *, health: HealthTracker | None = None) -> None:
+    def __init__(self, provider: str, keys: Sequence[str], *, health: KeyHealth | None = None) -> None:
         self.provider = provider
         # Empty entries are dropped, so a recipe can list optional keys as ${KEY_2:-}.
         self._keys = [k for k in keys if k]
