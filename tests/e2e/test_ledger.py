@@ -232,7 +232,16 @@ class TestLoad:
                 async def restarter() -> None:
                     while done < self.N // 3:
                         await anyio.sleep(0.05)
-                    await anyio.to_thread.run_sync(_pg, "restart")
+                    # Stop, and start again only once the writer has met the outage (it flushes
+                    # every 0.05 s): a plain restart can fall between two flushes and go unseen.
+                    failures = writer.stats["failures"]
+                    await anyio.to_thread.run_sync(_pg, "stop")
+                    try:
+                        with anyio.move_on_after(15):
+                            while writer.stats["failures"] == failures:
+                                await anyio.sleep(0.02)
+                    finally:
+                        await anyio.to_thread.run_sync(_pg, "start")
 
                 async with anyio.create_task_group() as tg:
                     for i in range(50):
