@@ -217,11 +217,9 @@ def shared_stores() -> dict[str, str]:
 
 
 def _ledger_path(workdir: Path, nodes: int) -> Path:
-    """The SQLite ledger. Node records live there, so a recipe with nodes gets a fresh
-    file: nodes left (offline) by an earlier row would still be scanned on every request
-    and their names would clash with the new enrollments."""
-    if not nodes:
-        return workdir / "ledger.db"
+    """The SQLite ledger: a fresh file per server. Node records live there (nodes left
+    offline by an earlier row would still be scanned and their names would clash), and a
+    ``<row>@<ref>`` baseline of an older schema refuses a file a newer row migrated."""
     fd, name = tempfile.mkstemp(dir=workdir, prefix=f"ledger-{nodes}-nodes-", suffix=".db")
     os.close(fd)
     return Path(name)
@@ -478,7 +476,7 @@ def start_row(row: str, mock: str, workdir: Path, *, litellm: str | None = None,
         if row != "litellm" and ref is None:
             raise
         tail = " ".join(str(exc).strip().splitlines()[-3:])[-300:]
-        raise Skip(f"{'LiteLLM' if ref is None else server.name} did not start: {tail}") from None
+        raise Skip(f"{'LiteLLM' if ref is None else row} did not start: {tail}") from None
     try:
         server.pid = mp.proc.pid
         with contextlib.ExitStack() as fleet:
