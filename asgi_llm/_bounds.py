@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["MARK", "bounded_int", "bounded_text", "clean_text", "finite_float"]
+__all__ = ["MARK", "bound_text_fields", "bounded_int", "bounded_text", "clean_text", "finite_float"]
 
 MARK = "…"
 """Ends a value that was cut to fit its column."""
@@ -60,6 +61,28 @@ def bounded_text(value: Any, limit: int, *, nullable: bool = True) -> tuple[str 
     if len(value) > limit:
         value, changed = value[: max(limit - 1, 0)] + MARK[:limit], True
     return value, changed
+
+
+def bound_text_fields(obj: Any, values: Iterable[Any], limits: Sequence[tuple[str, int, bool]]) -> list[str]:
+    """Bound ``obj``'s text fields in place: ``values`` are the current values of the
+    fields named in ``limits`` (``(name, column length, nullable)``), in that order.
+    Returns the names of the fields it changed.
+
+    Plain ASCII that already fits (nearly every value) is checked without a copy; anything
+    else goes through :func:`bounded_text`.
+    """
+    changed_names: list[str] = []
+    for v, (name, limit, nullable) in zip(values, limits, strict=True):
+        if v is None:
+            if nullable:
+                continue
+        elif type(v) is str and len(v) <= limit and v.isascii() and "\x00" not in v:
+            continue
+        nv, changed = bounded_text(v, limit, nullable=nullable)
+        if changed:
+            setattr(obj, name, nv)
+            changed_names.append(name)
+    return changed_names
 
 
 def bounded_int(value: Any, lo: int, hi: int, *, default: int = 0) -> tuple[int, bool]:

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgi_llm._bounds import bounded_int, bounded_text
+from asgi_llm._bounds import bound_text_fields, bounded_int, bounded_text
 from asgi_llm._ids import new_id
 
 __all__ = ["DETAIL_MAX", "GENESIS", "VERDICTS", "AuditEvent", "ChainBreak", "VerifyResult", "bounded", "canonical",
@@ -157,16 +157,7 @@ def bounded(event: AuditEvent) -> AuditEvent:
     ``status``/``attempts`` fit a 32-bit column, ``detail`` is JSON-encodable and at most
     :data:`DETAIL_MAX` characters, ``ts`` is a naive UTC datetime. Never raises.
     """
-    for name, limit, nullable in TEXT_LIMITS:
-        v = getattr(event, name)
-        if v is None:
-            if nullable:
-                continue
-        elif type(v) is str and len(v) <= limit and v.isascii() and "\x00" not in v:
-            continue
-        nv, changed = bounded_text(v, limit, nullable=nullable)
-        if changed:
-            setattr(event, name, nv)
+    bound_text_fields(event, (getattr(event, name) for name, _, _ in TEXT_LIMITS), TEXT_LIMITS)
     for name in ("status", "attempts"):
         v = getattr(event, name)
         if not (type(v) is int and -_INT32 <= v <= _INT32):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from asgi_llm._bounds import bounded_int, bounded_text, finite_float
+from asgi_llm._bounds import bound_text_fields, bounded_int, finite_float
 from asgi_llm._ids import new_id
 
 __all__ = ["MAX_COST_USD", "MAX_TOKENS", "PICO", "LedgerRow", "bounded", "from_pico", "to_pico", "usd_text"]
@@ -182,17 +182,8 @@ def bounded(row: LedgerRow) -> LedgerRow:
     fit a 32-bit column, latencies are finite. A row is never dropped for its values.
     """
     flags: set[str] = set()
-    for v, (name, limit, nullable) in zip(_text_values(row), TEXT_LIMITS, strict=True):
-        if v is None:
-            if nullable:
-                continue
-        elif type(v) is str and len(v) <= limit and v.isascii() and "\x00" not in v:
-            continue
-        nv, changed = bounded_text(v, limit, nullable=nullable)
-        if changed:
-            setattr(row, name, nv)
-            if name != "flags":
-                flags.add("truncated")
+    if any(name != "flags" for name in bound_text_fields(row, _text_values(row), TEXT_LIMITS)):
+        flags.add("truncated")
     p, c, k, r = tokens = _token_values(row)
     if not (type(p) is int and type(c) is int and type(k) is int and type(r) is int  # noqa: E721 - bool is not a count
             and 0 <= p <= MAX_TOKENS and 0 <= c <= MAX_TOKENS and 0 <= k <= MAX_TOKENS and 0 <= r <= MAX_TOKENS):
