@@ -7,9 +7,11 @@ that shows a URL shows :func:`redact_url` of it.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 __all__ = ["redact_url", "redact_urls_in", "url_origin"]
+
+_UNPARSEABLE = "<unparseable url>"
 
 
 def redact_url(url: str) -> str:
@@ -22,15 +24,10 @@ def redact_url(url: str) -> str:
         >>> redact_url("https://bob:hunter2@api.example.com:8443/v1?key=abc#x")
         'https://***@api.example.com:8443/v1?***'
     """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparseable url>"
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = host if port is None else f"{host}:{port}"
+    split = _split(url)
+    if split is None:
+        return _UNPARSEABLE
+    parts, netloc = split
     if parts.username is not None or parts.password is not None:
         netloc = "***@" + netloc
     query = "***" if parts.query else ""
@@ -45,15 +42,25 @@ def url_origin(url: str) -> str:
         >>> url_origin("https://bob:hunter2@api.example.com:8443/v1/SECRET/chat?key=abc")
         'https://api.example.com:8443'
     """
+    split = _split(url)
+    if split is None:
+        return _UNPARSEABLE
+    parts, netloc = split
+    return f"{parts.scheme}://{netloc}"
+
+
+def _split(url: str) -> tuple[SplitResult, str] | None:
+    """``url``'s parts and its ``host[:port]`` without credentials (IPv6 in brackets);
+    ``None`` when it does not parse."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port
     except ValueError:
-        return "<unparseable url>"
-    if ":" in host:
+        return None
+    if ":" in host:  # IPv6 literal
         host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
+    return parts, host if port is None else f"{host}:{port}"
 
 
 def redact_urls_in(text: str, *urls: str | None) -> str:
